@@ -1,8 +1,46 @@
-"""The `lmc` command."""
+"""The `lmc` command: one click group; each subcommand lives in its own module."""
+
+from __future__ import annotations
+
+import sys
 
 import click
 
+from lmcompress import __version__
+from lmcompress.errors import LmcError
 
-@click.group()
+
+class LmcGroup(click.Group):
+    """Turns LmcError into a one-line message (exit 2) and Ctrl-C into a clean exit (130)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except LmcError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: stopped; no partial output was left in place", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=LmcGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="lmc")
 def cli() -> None:
-    """lmcompress: calibrate, quantize and serve LLMs."""
+    """lmcompress: calibrate, quantize and serve LLMs.
+
+    \b
+    lmc quantize SRC OUT      4-bit AWQ / GPTQ / RTN weights plus KV-cache scales
+    lmc eval ppl MODEL        perplexity of a float or quantized checkpoint
+    lmc demo                  the whole loop on the bundled reference model
+    """
+
+
+def _register() -> None:
+    from lmcompress.cli import evaluate, quantize
+
+    cli.add_command(quantize.quantize)
+    cli.add_command(evaluate.eval_group)
+
+
+_register()

@@ -27,11 +27,11 @@ from lmcompress.calib.data import load_calibration_samples
 from lmcompress.calib.kv_stats import KVRangeRecorder
 from lmcompress.checkpoint import Checkpoint
 from lmcompress.errors import LmcError
-from lmcompress.formats.loader import tensors_for_linear
+from lmcompress.formats.registry import tensors_for_linear
 from lmcompress.output_dir import ShardedSafetensorsWriter, atomic_output_dir
 from lmcompress.pipeline_io import copy_side_files, output_configs
 from lmcompress.quant.layer import LayerContext
-from lmcompress.quant.methods import get_method
+from lmcompress.quant.methods import method_named
 from lmcompress.quant.qtensor import QuantConfig
 from lmcompress.resources import PeakMemory, resolve_device
 
@@ -106,7 +106,7 @@ class _LayerwiseQuantizer:
         text = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.kv = KVRangeRecorder(ckpt.num_layers, text.num_key_value_heads, head_dim)
-        self.method = get_method(options.method)
+        self.method = method_named(options.method)
 
     def run(self, tokens: torch.Tensor) -> KVRangeRecorder:
         """tokens [n_samples, seq_len] -> quantized layers written; returns the KV ranges."""
@@ -126,7 +126,7 @@ class _LayerwiseQuantizer:
         return hidden
 
     def _rotary(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rotary = type(self.skeleton.model.rotary_emb)(config=self.config, device=self.device)
+        rotary = type(self.skeleton.model.rotary_emb)(config=self.config).to(self.device)
         positions = torch.arange(hidden.shape[1], device=self.device)[None]
         return rotary(hidden[:1], positions)  # (cos, sin), each [1, seq, head_dim]
 
