@@ -27,9 +27,9 @@ def ppl(model_dir, data, max_length, stride, max_tokens, json_path, device) -> N
     Quantized checkpoints (lmc, AutoAWQ, GPTQ) run through a dequantizing
     reference path, so the number measures the weights, not a kernel.
     """
-    from lmcompress.evaluation import evaluate_perplexity
+    from lmcompress.evaluate import evaluate_checkpoint
 
-    result = evaluate_perplexity(model_dir, data, device=device, max_length=max_length, stride=stride,
+    result = evaluate_checkpoint(model_dir, data, device=device, max_length=max_length, stride=stride,
                                  max_tokens=max_tokens, json_path=json_path)
     click.echo(f"perplexity {result.ppl:.4f} over {result.num_tokens} tokens "
                f"(window {result.max_length}, stride {result.stride}) for {model_dir}")
