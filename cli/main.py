@@ -37,10 +37,11 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from lmcompress.cli import evaluate, quantize
+    from lmcompress.cli import demo, evaluate, quantize
 
     cli.add_command(quantize.quantize)
     cli.add_command(evaluate.eval_group)
+    cli.add_command(demo.demo)
 
 
 _register()
