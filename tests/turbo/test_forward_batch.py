@@ -1,0 +1,48 @@
+"""Packing sequences into a ForwardBatch: positions, slots, block tables, logits rows, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmcompress.errors import LmcError
+from lmcompress.turbo.forward_batch import ForwardBatch, SeqInput
+
+
+def test_build_packs_prefill_chunk_and_decode():
+    batch = ForwardBatch.build(
+        [
+            SeqInput([11, 12, 13], start=0, block_table=[9], logits="all"),
+            SeqInput([21, 22], start=3, block_table=[4, 7]),  # a chunk crossing into its second block
+            SeqInput([31], start=8, block_table=[2, 0, 5], logits="none"),  # a decode at position 8
+        ],
+        block_size=4,
+    )
+    assert batch.input_ids.tolist() == [11, 12, 13, 21, 22, 31]
+    assert batch.positions.tolist() == [0, 1, 2, 3, 4, 8]
+    assert batch.slot_mapping.tolist() == [36, 37, 38, 19, 28, 20]
+    assert batch.block_tables.tolist() == [[9, 0, 0], [4, 7, 0], [2, 0, 5]]
+    assert batch.logits_indices.tolist() == [0, 1, 2, 4]
+    assert batch.logit_counts == (3, 1, 0)
+    assert batch.query_lens == (3, 2, 1) and batch.num_computed == (0, 3, 8)
+    assert batch.context_lens == (3, 5, 9)
+    assert batch.query_start_loc == (0, 3, 5, 6)
+    assert (batch.num_seqs, batch.num_tokens) == (3, 6)
+
+
+@pytest.mark.parametrize(
+    "seq, message",
+    [
+        (SeqInput([], 0, [0]), "has no new tokens"),
+        (SeqInput([1], -1, [0]), "starts at position -1"),
+        (SeqInput([1], 0, [0], logits="first"), "asks for logits 'first'"),
+        (SeqInput([1, 2], 3, [0]), "needs 2 KV blocks of 4 tokens for 5 tokens but its block table has 1"),
+    ],
+)
+def test_build_rejects_bad_sequences(seq, message):
+    with pytest.raises(LmcError, match=message):
+        ForwardBatch.build([SeqInput([5], 0, [1]), seq], block_size=4)
+
+
+def test_build_rejects_empty_batch():
+    with pytest.raises(LmcError, match="at least one sequence"):
+        ForwardBatch.build([], block_size=4)

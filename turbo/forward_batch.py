@@ -1,0 +1,129 @@
+"""One forward pass's input: new tokens of several sequences packed into one flat batch.
+
+Each sequence contributes its new tokens, positions [num_computed, num_computed + q_len),
+and attends causally to everything before them (already in the paged KV cache)
+plus themselves.  The same layout serves a whole prompt, a prompt chunk, a
+prefix-cache hit (num_computed > 0 on the first pass) and a one-token decode, so
+all of them can share one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Literal
+
+import torch
+
+from lmcompress.errors import LmcError
+
+# Which rows of a sequence's new tokens get logits: its last token (to sample the
+# next one), every token (perplexity, prompt logprobs), or none (a mid-prompt chunk).
+LogitsMode = Literal["last", "all", "none"]
+LOGITS_MODES = ("last", "all", "none")
+
+
+@dataclass(frozen=True)
+class SeqInput:
+    """One sequence's share of a forward pass."""
+
+    token_ids: Sequence[int]  # the new tokens, at positions [start, start + len(token_ids))
+    start: int  # tokens already in the KV cache (num_computed_tokens)
+    block_table: Sequence[int]  # KV block ids in token order; must cover start + len(token_ids) tokens
+    logits: LogitsMode = "last"
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    """Packed inputs of B sequences with T new tokens in total.
+
+    Per-token tensors are on the model's device; per-sequence counts are Python
+    ints so the reference attention can slice without device syncs.
+    """
+
+    input_ids: torch.Tensor  # [T] long
+    positions: torch.Tensor  # [T] long: position of each token in its sequence
+    slot_mapping: torch.Tensor  # [T] long: block_id * block_size + offset, where each token's K/V is written
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0 (padding is never read)
+    logits_indices: torch.Tensor  # [N] long: rows of the packed batch whose logits forward() returns, in order
+    query_lens: tuple[int, ...]  # [B] new tokens per sequence
+    num_computed: tuple[int, ...]  # [B] tokens already cached = position of each sequence's first new token
+    logit_counts: tuple[int, ...]  # [B] logits rows per sequence: logits.split(logit_counts) gives each one's
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.query_lens)
+
+    @property
+    def context_lens(self) -> tuple[int, ...]:
+        """[B] tokens each sequence attends to after this pass: cached + new."""
+        return tuple(c + q for c, q in zip(self.num_computed, self.query_lens))
+
+    @property
+    def query_start_loc(self) -> tuple[int, ...]:
+        """[B + 1] offsets of each sequence's first new token in the packed batch; the last is T."""
+        return (0, *accumulate(self.query_lens))
+
+    @classmethod
+    def build(cls, seqs: Sequence[SeqInput], block_size: int, device: str | torch.device = "cpu") -> ForwardBatch:
+        if not seqs:
+            raise LmcError("a forward batch needs at least one sequence; schedule a request before calling forward")
+        for index, seq in enumerate(seqs):
+            _check_seq(index, seq, block_size)
+        input_ids, positions, slots, logits_indices, logit_counts = [], [], [], [], []
+        for seq in seqs:
+            first_row = len(input_ids)
+            seq_positions = range(seq.start, seq.start + len(seq.token_ids))
+            input_ids.extend(seq.token_ids)
+            positions.extend(seq_positions)
+            slots.extend(seq.block_table[p // block_size] * block_size + p % block_size for p in seq_positions)
+            rows = _logit_rows(seq.logits, first_row, len(input_ids))
+            logits_indices.extend(rows)
+            logit_counts.append(len(rows))
+        max_blocks = max(len(seq.block_table) for seq in seqs)
+        tables = [list(seq.block_table) + [0] * (max_blocks - len(seq.block_table)) for seq in seqs]
+
+        def long(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        return cls(
+            input_ids=long(input_ids),
+            positions=long(positions),
+            slot_mapping=long(slots),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+            logits_indices=long(logits_indices),
+            query_lens=tuple(len(seq.token_ids) for seq in seqs),
+            num_computed=tuple(seq.start for seq in seqs),
+            logit_counts=tuple(logit_counts),
+            block_size=block_size,
+        )
+
+
+def _logit_rows(mode: LogitsMode, first: int, end: int) -> range:
+    if mode == "all":
+        return range(first, end)
+    if mode == "last":
+        return range(end - 1, end)
+    return range(0)
+
+
+def _check_seq(index: int, seq: SeqInput, block_size: int) -> None:
+    if len(seq.token_ids) == 0:
+        raise LmcError(f"sequence {index} of the batch has no new tokens; schedule at least one token per sequence")
+    if seq.start < 0:
+        raise LmcError(f"sequence {index} starts at position {seq.start}; pass its num_computed_tokens (>= 0)")
+    if seq.logits not in LOGITS_MODES:
+        raise LmcError(f"sequence {index} asks for logits {seq.logits!r}; use one of {', '.join(LOGITS_MODES)}")
+    needed = -(-(seq.start + len(seq.token_ids)) // block_size)
+    if len(seq.block_table) < needed:
+        raise LmcError(
+            f"sequence {index} needs {needed} KV blocks of {block_size} tokens for "
+            f"{seq.start + len(seq.token_ids)} tokens but its block table has {len(seq.block_table)}; "
+            "allocate the blocks (BlockManager.allocate_slots) before the forward pass"
+        )

@@ -1,0 +1,141 @@
+"""One decoder-only transformer for all supported families, over a packed, paged batch.
+
+Per layer (pre-norm residual blocks, as in Llama):
+    n = input_layernorm(h)
+    h = h + o_proj(attention(rope(qk_norm(q_proj(n))), rope(qk_norm(k_proj(n))), v_proj(n)))
+    n = post_attention_layernorm(h)
+    h = h + down_proj(silu(gate_proj(n)) * up_proj(n))
+Optional pieces (q/k/v and o biases, per-head q/k RMSNorm) are switched on by ModelConfig.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmcompress.turbo.attention import paged_attention
+from lmcompress.turbo.forward_batch import ForwardBatch
+from lmcompress.turbo.kv_cache import KVCache, LayerKVCache
+from lmcompress.turbo.models.linear import make_linear
+from lmcompress.turbo.models.model_config import ModelConfig
+from lmcompress.turbo.models.rope import RotaryEmbedding, apply_rotary
+from lmcompress.turbo.models.weights import WeightSource
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.register_buffer("weight", weight)  # [dim]
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32, scale in the model dtype (transformers' order of operations).
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+
+
+class _Loader:
+    """Builds modules from a WeightSource by Hugging Face tensor names."""
+
+    def __init__(self, config: ModelConfig, weights: WeightSource, dtype: torch.dtype, dequantize: bool):
+        self.config = config
+        self.weights = weights
+        self.dtype = dtype
+        self.dequantize = dequantize
+
+    def linear(self, prefix: str, out_features: int, in_features: int, bias: bool) -> nn.Module:
+        weight = self.weights.linear(prefix, out_features, in_features)
+        bias_tensor = self.weights.tensor(f"{prefix}.bias", (out_features,)) if bias else None
+        return make_linear(weight, bias_tensor, self.dtype, self.dequantize)
+
+    def norm(self, name: str, dim: int) -> RMSNorm:
+        return RMSNorm(self.weights.norm(f"{name}.weight", dim).to(self.dtype), self.config.rms_norm_eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, load: _Loader, prefix: str):
+        super().__init__()
+        c = load.config
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.scale = c.head_dim**-0.5
+        q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.q_proj = load.linear(f"{prefix}q_proj", q_width, c.hidden_size, c.qkv_bias)
+        self.k_proj = load.linear(f"{prefix}k_proj", kv_width, c.hidden_size, c.qkv_bias)
+        self.v_proj = load.linear(f"{prefix}v_proj", kv_width, c.hidden_size, c.qkv_bias)
+        self.o_proj = load.linear(f"{prefix}o_proj", c.hidden_size, q_width, c.o_bias)
+        self.q_norm = load.norm(f"{prefix}q_norm", c.head_dim) if c.qk_norm else None
+        self.k_norm = load.norm(f"{prefix}k_norm", c.head_dim) if c.qk_norm else None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: LayerKVCache,
+                batch: ForwardBatch) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]; writes the new tokens' K/V to the cache first."""
+        num_tokens = x.shape[0]
+        query = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
+        key = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        value = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key = apply_rotary(query, *rope), apply_rotary(key, *rope)
+        cache.write(batch.slot_mapping, key, value)
+        out = paged_attention(query, cache, batch, self.scale)
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, load: _Loader, prefix: str):
+        super().__init__()
+        c = load.config
+        self.gate_proj = load.linear(f"{prefix}gate_proj", c.intermediate_size, c.hidden_size, c.mlp_bias)
+        self.up_proj = load.linear(f"{prefix}up_proj", c.intermediate_size, c.hidden_size, c.mlp_bias)
+        self.down_proj = load.linear(f"{prefix}down_proj", c.hidden_size, c.intermediate_size, c.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, load: _Loader, index: int):
+        super().__init__()
+        prefix = load.config.arch.layer_prefix(index)
+        hidden = load.config.hidden_size
+        self.input_layernorm = load.norm(f"{prefix}input_layernorm", hidden)
+        self.self_attn = Attention(load, f"{prefix}self_attn.")
+        self.post_attention_layernorm = load.norm(f"{prefix}post_attention_layernorm", hidden)
+        self.mlp = GatedMLP(load, f"{prefix}mlp.")
+
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: LayerKVCache,
+                batch: ForwardBatch) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), rope, cache, batch)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Decoder(nn.Module):
+    """Embedding, decoder layers, final norm and LM head, built from `weights` in `dtype`.
+
+    dequantize: turn 4-bit linears into float ones at load (faster on the CPU,
+    without the memory saving).
+    """
+
+    def __init__(self, config: ModelConfig, weights: WeightSource, dtype: torch.dtype, dequantize: bool = False):
+        super().__init__()
+        self.config = config
+        arch = config.arch
+        load = _Loader(config, weights, dtype, dequantize)
+        embed = weights.tensor(f"{arch.embed}.weight", (config.vocab_size, config.hidden_size)).to(dtype)
+        self.register_buffer("embed_tokens", embed)  # [vocab, hidden]
+        self.rotary = RotaryEmbedding(config.rope, config.head_dim)
+        self.layers = nn.ModuleList(DecoderLayer(load, i) for i in range(config.num_layers))
+        self.norm = load.norm(arch.final_norm, config.hidden_size)
+        self.lm_head = (
+            make_linear(embed, None, dtype) if config.tie_word_embeddings
+            else load.linear(arch.lm_head, config.vocab_size, config.hidden_size, bias=False)
+        )
+
+    def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+        """Logits [len(batch.logits_indices), vocab] float32; writes every new token's K/V to the cache."""
+        h = F.embedding(batch.input_ids, self.embed_tokens)  # [T, hidden]
+        rope = self.rotary(batch.positions)
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            h = layer(h, rope, layer_cache, batch)
+        # Norm and LM head only for the rows whose logits are wanted.
+        return self.lm_head(self.norm(h[batch.logits_indices])).float()
