@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,11 @@ class QuantizeOptions:
     device: str = "auto"
     method_options: dict = field(default_factory=dict)
     max_shard_bytes: int = 2 * 1024**3
+
+    def format_quant(self) -> QuantConfig:
+        """The quantizer settings the output format can store (see QuantConfig.min_zero)."""
+        needs_nonzero = self.fmt == "gptq" and not self.quant.sym
+        return dataclasses.replace(self.quant, min_zero=1) if needs_nonzero else self.quant
 
     def check(self) -> None:
         if self.fmt not in FORMATS:
@@ -146,7 +152,7 @@ class _LayerwiseQuantizer:
 
     def _quantize_layer(self, index: int, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
         layer = self._load_layer(index)
-        ctx = LayerContext(layer, hidden, position_embeddings, self.spec, self.options.quant,
+        ctx = LayerContext(layer, hidden, position_embeddings, self.spec, self.options.format_quant(),
                            name=f"{self.spec.layers_prefix}.{index}")
         self._record_kv(index, ctx)
         qtensors = self.method(ctx, **self.options.method_options)

@@ -60,18 +60,32 @@ class LayerContext:
         return torch.cat([fn(chunk) for chunk in x.split(SAMPLES_PER_FORWARD)])
 
     @torch.no_grad()
-    def capture_inputs(self, linear_names: list[str], x: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Inputs of the named linears, [n, seq, in_features] each, from one layer forward on x (default: self.inputs)."""
-        captured: dict[str, list[torch.Tensor]] = {name: [] for name in linear_names}
+    def feed_inputs(
+        self,
+        linear_names: list[str],
+        consume: Callable[[str, torch.Tensor], None],
+        x: torch.Tensor | None = None,
+    ) -> None:
+        """One layer forward on x (default: self.inputs), SAMPLES_PER_FORWARD samples at a time, handing
+        each named linear's input chunk [chunk, seq, in_features] to consume(name, chunk) as it happens.
+
+        Nothing is kept, so statistics (GPTQ's Hessians) can be accumulated without storing all inputs.
+        """
         hooks = [
-            self.linear(name).register_forward_hook(lambda _m, args, _out, name=name: captured[name].append(args[0]))
+            self.linear(name).register_forward_hook(lambda _m, args, _out, name=name: consume(name, args[0]))
             for name in linear_names
         ]
         try:
-            self.batched(self.call_layer, self.inputs if x is None else x)
+            for chunk in (self.inputs if x is None else x).split(SAMPLES_PER_FORWARD):
+                self.call_layer(chunk)
         finally:
             for hook in hooks:
                 hook.remove()
+
+    def capture_inputs(self, linear_names: list[str], x: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Inputs of the named linears, [n, seq, in_features] each, from one layer forward on x (default: self.inputs)."""
+        captured: dict[str, list[torch.Tensor]] = {name: [] for name in linear_names}
+        self.feed_inputs(linear_names, lambda name, chunk: captured[name].append(chunk), x)
         return {name: torch.cat(chunks) for name, chunks in captured.items()}
 
 

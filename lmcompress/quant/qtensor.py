@@ -22,6 +22,10 @@ class QuantConfig:
     bits: int = 4
     group_size: int = 128
     sym: bool = False  # False: asymmetric with a zero point (AWQ's and GPTQ's default for lmc)
+    # Lowest zero code the output format can store.  GPTQ v1 stores zero - 1 in
+    # 4 bits, so a zero of 0 would wrap to 15 and loaders (ExLlama, vLLM) would
+    # read 16: the pipeline sets 1 for asymmetric GPTQ output.
+    min_zero: int = 0
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:

@@ -88,12 +88,13 @@ def test_existing_output_is_refused_without_overwrite(tmp_path, llama_dir):
 
 def test_interrupt_mid_run_leaves_nothing_half_written(tmp_path, llama_dir, monkeypatch):
     calls = []
+    rtn = methods.METHODS["rtn"]
 
     def interrupted_on_second_layer(ctx, **options):
         calls.append(ctx.name)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return methods.METHODS["rtn"](ctx, **options)
+        return rtn(ctx, **options)
 
     monkeypatch.setitem(methods.METHODS, "rtn", interrupted_on_second_layer)
     with pytest.raises(KeyboardInterrupt):

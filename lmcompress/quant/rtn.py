@@ -1,0 +1,108 @@
+"""Round-to-nearest group quantization: the quantizer that RTN, AWQ and GPTQ share.
+
+A weight [out, in] is cut into groups of `group_size` consecutive input channels;
+each (row, group) gets a float scale and an unsigned zero code, and
+w ~= (q - zero) * scale with q in [0, 2**bits).
+
+Asymmetric (cfg.sym False), AutoAWQ's formula:
+    scale = (max - min).clamp(min=1e-5) / max_code
+    zero  = clamp(-round(min / scale), 0, max_code)
+    q     = clamp(round(w / scale) + zero, 0, max_code)
+with min <= 0 <= max enforced first (GPTQ does the same).  For a group holding
+both signs, i.e. every real weight group of 32+ values, this is exactly AutoAWQ's
+result; for a single-signed group AutoAWQ's clamped zero code would clip the whole
+group to one value, extending the range to 0 keeps the error within scale / 2.
+
+Symmetric (cfg.sym True), GPTQ's (GPTQModel's Quantizer) convention:
+    scale = 2 * max(|min|, |max|) / max_code,  zero = 2**(bits-1)  (8 for 4 bits)
+so the codes cover [-8, 7] * scale: the positive extreme is clipped by scale / 2.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmcompress.errors import LmcError
+from lmcompress.quant.layer import LayerContext
+from lmcompress.quant.qtensor import QTensor, QuantConfig
+
+MIN_SCALE_RANGE = 1e-5  # AutoAWQ's floor on (max - min): an all-zero group gets a tiny, finite scale
+
+
+def check_finite(w: torch.Tensor, name: str) -> None:
+    """LmcError naming the weight `name` when w holds NaN or inf."""
+    if not torch.isfinite(w).all():
+        raise LmcError(
+            f"{name} contains NaN or inf values; check the checkpoint (re-download or re-convert it)"
+        )
+
+
+def check_linears(ctx: LayerContext) -> None:
+    """Fail before any calibration work if a linear of the layer cannot be quantized."""
+    for name in ctx.spec.linears:
+        weight = ctx.linear(name).weight
+        ctx.cfg.check_divides(f"{ctx.name}.{name}", weight.shape[1])
+        check_finite(weight, f"{ctx.name}.{name}")
+
+
+def group_params(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero code of each group: w [..., group] -> (scale, zero), each [..., 1] float."""
+    low = w.amin(dim=-1, keepdim=True).clamp(max=0)
+    high = w.amax(dim=-1, keepdim=True).clamp(min=0)
+    if cfg.sym:
+        scale = (2 * torch.maximum(-low, high)).clamp(min=MIN_SCALE_RANGE) / cfg.max_code
+        zero = torch.full_like(scale, 2 ** (cfg.bits - 1))
+    else:
+        scale = (high - low).clamp(min=MIN_SCALE_RANGE) / cfg.max_code
+        zero = torch.round(-low / scale).clamp(cfg.min_zero, cfg.max_code)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """Float codes in [0, max_code] of w, with scale and zero broadcasting against it."""
+    return (torch.round(w / scale) + zero).clamp(0, cfg.max_code)
+
+
+def fake_quantize_groups(w: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """Quantize-dequantize w [..., group] group by group (no checks: for search loops)."""
+    scale, zero = group_params(w, cfg)
+    return (quantize_codes(w, scale, zero, cfg) - zero) * scale
+
+
+def quantize_weight(w: torch.Tensor, cfg: QuantConfig, name: str = "weight") -> QTensor:
+    """Group-quantize w [out, in]; `name` (the linear's full name) appears in error messages."""
+    out_features, in_features = w.shape
+    cfg.check_divides(name, in_features)
+    check_finite(w, name)
+    groups = w.detach().float().reshape(out_features, in_features // cfg.group_size, cfg.group_size)
+    scale, zero = group_params(groups, cfg)
+    codes = quantize_codes(groups, scale, zero, cfg)
+    return QTensor(
+        q=codes.reshape(out_features, in_features).to(torch.uint8),
+        scales=scale.squeeze(-1),
+        zeros=zero.squeeze(-1).to(torch.uint8),
+        bits=cfg.bits,
+        group_size=cfg.group_size,
+    )
+
+
+def fake_quantize(w: torch.Tensor, cfg: QuantConfig, name: str = "weight") -> torch.Tensor:
+    """w [out, in] after quantize-dequantize, in w's dtype."""
+    return quantize_weight(w, cfg, name).dequantize(w.dtype)
+
+
+@torch.no_grad()
+def write_dequantized(linear: nn.Linear, qweight: QTensor) -> None:
+    """Make the float layer compute with the quantized weight, so later layers calibrate on it."""
+    linear.weight.copy_(qweight.dequantize(linear.weight.dtype))
+
+
+def rtn_quantize_layer(ctx: LayerContext) -> dict[str, QTensor]:
+    """Round every linear of the layer to the nearest code; no calibration data needed."""
+    result = {}
+    for name in ctx.spec.linears:
+        linear = ctx.linear(name)
+        result[name] = quantize_weight(linear.weight, ctx.cfg, f"{ctx.name}.{name}")
+        write_dequantized(linear, result[name])
+    return result
