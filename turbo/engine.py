@@ -1,0 +1,331 @@
+"""LLMEngine: turbo's step loop, in nano-vllm's shape.
+
+    step() = schedule -> run -> postprocess
+      schedule     the Scheduler picks this step's rows: prompt chunks and decodes together
+      run          ModelRunner.forward on those rows; the Sampler draws one token for
+                   every row that reached its sequence's last token
+      postprocess  Scheduler.update_from_output records the progress; each sequence's
+                   StopChecker turns its new token into text and decides eos, stop
+                   token, stop string or max_tokens; finished sequences leave the scheduler
+
+A request asking for n completions runs n Sequences ("choices"); outputs are
+grouped per request.  A request that cannot be served (a prompt longer than
+max_model_len or than the whole KV pool) finishes with an error output while the
+others continue, and so does every request of a step whose forward pass fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+from collections import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from lmcompress.errors import LmcError
+from lmcompress.resources import resolve_device
+from lmcompress.turbo.config import DEFAULT_CPU_KV_CACHE_BYTES, CacheConfig, EngineConfig, SchedulerConfig
+from lmcompress.turbo.forward_batch import SeqInput
+from lmcompress.turbo.model_runner import ModelRunner, RunnerOptions
+from lmcompress.turbo.outputs import CompletionOutput, EngineStats, RequestOutput, Usage
+from lmcompress.turbo.sampler import Sampler, SamplingRow, TokenLogprobs
+from lmcompress.turbo.sampling_params import SamplingParams
+from lmcompress.turbo.scheduler import Scheduler, SchedulerOutput
+from lmcompress.turbo.sequence import FinishReason, Sequence
+from lmcompress.turbo.stop import StopChecker
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | abc.Sequence[int]
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def build_model_runner(config: EngineConfig) -> ModelRunner:
+    """The ModelRunner (weights and KV pool) that `config` describes."""
+    device = resolve_device(config.device)
+    budget = config.kv_cache_bytes
+    if budget is None and config.num_kv_blocks is None and device.type == "cpu":
+        budget = DEFAULT_CPU_KV_CACHE_BYTES
+    options = RunnerOptions(
+        device=str(device), dtype=config.dtype, kv_cache_dtype=config.kv_cache_dtype, kv_scales=config.kv_quant,
+        block_size=config.block_size, num_blocks=config.num_kv_blocks, kv_cache_budget=budget,
+        kv_cache_memory_fraction=config.gpu_memory_utilization, max_model_len=config.max_model_len,
+        dummy=config.dummy_weights, dequantize_weights=config.dequantize_weights, seed=config.seed or 0,
+    )
+    return ModelRunner(config.model, options)
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    path = Path(path)
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise LmcError(
+            f"{path} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); copy the model's tokenizer there "
+            "or pass the tokenizer directory (EngineConfig.tokenizer, --tokenizer)"
+        )
+    return AutoTokenizer.from_pretrained(path)
+
+
+def read_eos_token_ids(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """The tokens that end generation: generation_config.json's eos (else config.json's) and the tokenizer's."""
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        path = model_dir / name
+        declared = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+        if declared is not None:
+            ids.update(declared if isinstance(declared, list) else [declared])
+            break
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+@dataclass(eq=False)
+class _Choice:
+    """One Sequence of a request and what it produced since its last output."""
+
+    index: int
+    seq: Sequence
+    stop: StopChecker
+    generator: torch.Generator | None  # the request's own random stream when seeded
+    new_token_ids: list[int] = field(default_factory=list)
+    new_text: list[str] = field(default_factory=list)
+    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    error: str | None = None
+    reported_final: bool = False
+
+    def finish(self, reason: FinishReason, stop_reason: str | int | None = None, error: str | None = None) -> None:
+        if self.finish_reason is None:
+            self.finish_reason, self.stop_reason, self.error = reason, stop_reason, error
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.seq.sampling_params.logprobs is not None
+
+    @property
+    def has_news(self) -> bool:
+        return bool(self.new_token_ids) or (self.finish_reason is not None and not self.reported_final)
+
+    def take_output(self) -> CompletionOutput:
+        out = CompletionOutput(
+            index=self.index, token_ids=tuple(self.new_token_ids), text="".join(self.new_text),
+            logprobs=tuple(self.new_logprobs) if self.wants_logprobs else None,
+            finish_reason=self.finish_reason, stop_reason=self.stop_reason, error=self.error,
+        )
+        self.new_token_ids, self.new_text, self.new_logprobs = [], [], []
+        self.reported_final = self.finish_reason is not None
+        return out
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    choices: list[_Choice]
+
+    def usage(self) -> Usage:
+        return Usage(
+            prompt_tokens=len(self.prompt_token_ids),
+            completion_tokens=sum(c.seq.num_output_tokens for c in self.choices),
+            cached_tokens=min(c.seq.num_cached_tokens for c in self.choices),
+        )
+
+
+class LLMEngine:
+    """Owns the model runner, scheduler, sampler and per-request state; not thread-safe
+    (AsyncEngine runs it in one thread)."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_runner = build_model_runner(config)
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model)
+        self.eos_token_ids = read_eos_token_ids(Path(config.model), self.tokenizer)
+        runner = self.model_runner
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                            max_model_len=runner.max_model_len),
+            CacheConfig(block_size=runner.block_size, num_blocks=runner.num_blocks,
+                        enable_prefix_caching=config.enable_prefix_caching),
+        )
+        self.sampler = Sampler(runner.device, config.seed)
+        self._requests: dict[str, _Request] = {}
+        self._choice_of: dict[Sequence, _Choice] = {}
+        self._seq_ids = itertools.count()
+        self._prompt_tokens = self._generation_tokens = self._computed_tokens = 0
+        logger.info("%s", self.capacity_report())
+
+    # --- capacity -------------------------------------------------------------------------------
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Tokens the whole KV pool holds."""
+        return self.model_runner.num_blocks * self.model_runner.block_size
+
+    def capacity_report(self) -> str:
+        runner, spec = self.model_runner, self.model_runner.kv_spec
+        quant = f" {self.config.kv_quant}" if spec.bits else ""
+        return (
+            f"turbo: KV cache holds {self.kv_capacity_tokens} tokens ({runner.num_blocks} blocks of "
+            f"{runner.block_size}; {spec.dtype}{quant}, {spec.bytes_per_token()} bytes/token, "
+            f"{runner.kv_cache_bytes() / 2**20:.1f} MiB); weights {runner.weight_bytes() / 2**20:.1f} MiB on "
+            f"{runner.device}; max_model_len {runner.max_model_len}"
+        )
+
+    # --- requests -------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
+        """Queue a request; its outputs come from later step() calls.
+
+        Bad input (duplicate id, out-of-vocabulary token ids) raises LmcError.  A
+        prompt too long to serve is accepted and finishes with an error output.
+        """
+        if request_id in self._requests:
+            raise LmcError(f"request id {request_id!r} is already in flight; give every request a unique id")
+        prompt_ids = self._prompt_token_ids(prompt)
+        params = params or SamplingParams()
+        choices = [self._new_choice(i, prompt_ids, params) for i in range(params.n)]
+        self._requests[request_id] = _Request(request_id, prompt_ids, choices)
+        self._prompt_tokens += len(prompt_ids)
+        for choice in choices:
+            self._choice_of[choice.seq] = choice
+            self.scheduler.add(choice.seq)  # a rejected sequence is reported by the next step
+
+    def abort(self, request_id: str) -> bool:
+        """Finish every choice of the request as aborted and free its KV blocks now; False if unknown.
+
+        The request's last output (finish_reason ABORT) comes from the next step().
+        """
+        request = self._requests.get(request_id)
+        if request is None:
+            return False
+        for choice in request.choices:
+            self.scheduler.abort(choice.seq.request_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        """True while some request has not yet had its last output."""
+        return bool(self._requests)
+
+    def _prompt_token_ids(self, prompt: Prompt) -> tuple[int, ...]:
+        if isinstance(prompt, str):
+            return tuple(self.tokenizer(prompt)["input_ids"])
+        ids = tuple(prompt)
+        vocab = self.model_runner.vocab_size
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise LmcError(
+                f"prompt token ids must be integers in [0, {vocab}), got {bad[0]!r}; "
+                "pass text or ids from this model's tokenizer"
+            )
+        return ids
+
+    def _new_choice(self, index: int, prompt_ids: tuple[int, ...], params: SamplingParams) -> _Choice:
+        params = params.for_choice(index) if params.n > 1 else params
+        # Stop at max_model_len through max_tokens, so the StopChecker flushes held-back text then too.
+        room = self.model_runner.max_model_len - len(prompt_ids)
+        if params.max_tokens > room > 0:
+            params = dataclasses.replace(params, max_tokens=room)
+        seq = Sequence(str(next(self._seq_ids)), prompt_ids, params)
+        generator = None if params.seed is None or params.is_greedy else self.sampler.request_generator(params.seed)
+        stop = StopChecker(params, self.tokenizer, prompt_ids, self.eos_token_ids)
+        return _Choice(index, seq, stop, generator)
+
+    # --- the step -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; returns the outputs of the requests that made progress or finished."""
+        scheduled = self.scheduler.schedule()
+        for seq in scheduled.finished:
+            self._on_scheduler_finished(seq)
+        if scheduled.scheduled:
+            self._run(scheduled)
+        return self._collect_outputs()
+
+    def _on_scheduler_finished(self, seq: Sequence) -> None:
+        """Drop a finished sequence's state; record its end if the scheduler caused it (abort, error)."""
+        choice = self._choice_of.pop(seq)
+        choice.finish(seq.finish_reason, error=seq.error_message)
+
+    def _run(self, scheduled: SchedulerOutput) -> None:
+        items = scheduled.scheduled
+        sampling = [item.seq for item in items if item.samples]
+        try:
+            batch = self.model_runner.build_batch([
+                SeqInput(item.token_ids(), item.start, item.seq.block_table, "last" if item.samples else "none")
+                for item in items
+            ])
+            logits = self.model_runner.forward(batch)  # [len(sampling), vocab]
+            sampled = self.sampler(logits, [self._sampling_row(seq) for seq in sampling]) if sampling else None
+        except Exception as exc:  # fail this step's requests, keep serving the others
+            logger.exception("turbo: forward pass failed; failing the %d requests of this step", len(items))
+            message = f"the model failed on this step ({type(exc).__name__}: {exc}); retry the request"
+            for item in items:
+                self._finish(item.seq, FinishReason.ERROR, error=message)
+            return
+        self._computed_tokens += scheduled.num_batched_tokens
+        token_ids = sampled.token_ids.tolist() if sampled else []
+        self._generation_tokens += len(token_ids)
+        logprobs = dict(zip(sampling, sampled.logprobs)) if sampled else {}
+        updated = self.scheduler.update_from_output(
+            scheduled, {seq.request_id: token for seq, token in zip(sampling, token_ids)}
+        )
+        for seq in updated:
+            self._postprocess(seq, logprobs[seq])
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        return SamplingRow(seq.sampling_params, seq.prompt_token_ids, seq.output_token_ids,
+                           self._choice_of[seq].generator)
+
+    def _postprocess(self, seq: Sequence, logprobs: TokenLogprobs | None) -> None:
+        choice = self._choice_of[seq]
+        token = seq.output_token_ids[-1]
+        delta = choice.stop.append(token)
+        choice.new_token_ids.append(token)
+        choice.new_text.append(delta.text)
+        if logprobs is not None:
+            choice.new_logprobs.append(logprobs)
+        if delta.finish_reason is not None:
+            self._finish(seq, delta.finish_reason, stop_reason=delta.stop_reason)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None = None,
+                error: str | None = None) -> None:
+        self.scheduler.finish(seq, reason, error)
+        self._choice_of[seq].finish(reason, stop_reason, error)
+
+    def _collect_outputs(self) -> list[RequestOutput]:
+        outputs = []
+        for request in list(self._requests.values()):
+            news = [choice.take_output() for choice in request.choices if choice.has_news]
+            if not news:
+                continue
+            finished = all(choice.reported_final for choice in request.choices)
+            outputs.append(RequestOutput(request.request_id, request.prompt_token_ids, tuple(news), finished,
+                                         request.usage()))
+            if finished:
+                del self._requests[request.request_id]
+        return outputs
+
+    # --- statistics -----------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        blocks = self.scheduler.block_manager
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_usage=blocks.usage,
+            num_free_blocks=blocks.num_free_blocks,
+            num_total_blocks=blocks.num_blocks,
+            kv_capacity_tokens=self.kv_capacity_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=blocks.prefix_cache_queries,
+            prefix_cache_hits=blocks.prefix_cache_hits,
+            prompt_tokens=self._prompt_tokens,
+            generation_tokens=self._generation_tokens,
+            computed_tokens=self._computed_tokens,
+        )
