@@ -34,7 +34,7 @@ from lmcompress.pipeline_io import copy_side_files, output_configs
 from lmcompress.quant.layer import LayerContext
 from lmcompress.quant.methods import method_named
 from lmcompress.quant.qtensor import QuantConfig
-from lmcompress.resources import PeakMemory, resolve_device
+from lmcompress.resources import PeakMemory, resolve_device, tf32_matmuls
 
 FORMATS = ("awq", "gptq")
 
@@ -84,7 +84,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, options: QuantizeOptio
     _check_group_size(ckpt, options.quant)
     device = resolve_device(options.device)
     start = time.perf_counter()
-    with PeakMemory(device) as peak, atomic_output_dir(out, overwrite) as tmp:
+    with PeakMemory(device) as peak, tf32_matmuls(device), atomic_output_dir(out, overwrite) as tmp:
         tokens = load_calibration_samples(
             options.calib_data, AutoTokenizer.from_pretrained(ckpt.path),
             n_samples=options.calib_samples, seq_len=options.calib_seqlen, seed=options.seed,

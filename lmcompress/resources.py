@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import resource
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
@@ -25,6 +27,21 @@ def max_rss_bytes() -> int:
     """This process's peak resident set size."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+@contextmanager
+def tf32_matmuls(device: torch.device) -> Iterator[None]:
+    """On CUDA, float32 matmuls in TF32 (10-bit mantissa, like AutoAWQ's fp16 search but with
+    float32 range) for the duration: the calibration forwards run ~8x faster on Ampere and later."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 class PeakMemory:
