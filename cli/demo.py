@@ -16,7 +16,7 @@ DEMO_PROMPT = "The meaning of the word"
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="lmc-demo", show_default=True,
               help="Where to write the quantized reference model and results.")
 @click.option("--method", type=click.Choice(["awq", "gptq", "rtn"]), default="awq", show_default=True)
-@click.option("--calib-samples", type=int, default=64, show_default=True)
+@click.option("--calib-samples", type=int, default=32, show_default=True, help="Calibration sequences of 512 tokens.")
 @click.option("--eval-tokens", type=int, default=40000, show_default=True,
               help="Held-out tokens to score (the whole held-out text is ~100k tokens).")
 @device_option
