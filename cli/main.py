@@ -32,16 +32,30 @@ def cli() -> None:
     \b
     lmc quantize SRC OUT      4-bit AWQ / GPTQ / RTN weights plus KV-cache scales
     lmc eval ppl MODEL        perplexity of a float or quantized checkpoint
+    lmc eval task MODEL       multiple-choice accuracy by log-likelihood
+    lmc report SRC            every method and KV dtype side by side
     lmc demo                  the whole loop on the bundled reference model
+    lmc serve MODEL           OpenAI-compatible HTTP server on the turbo engine
+    lmc generate MODEL TEXT   one completion, streamed to the terminal
+    lmc chat MODEL            a conversation in the terminal
+    lmc bench serve           serving benchmark against any OpenAI-compatible server
     """
 
 
 def _register() -> None:
     from lmcompress.cli import demo, evaluate, quantize
+    from lmcompress.cli import report
 
     cli.add_command(quantize.quantize)
     cli.add_command(evaluate.eval_group)
     cli.add_command(demo.demo)
+    cli.add_command(report.report)
+    from lmcompress.cli import bench, chat, serve
+
+    cli.add_command(serve.serve)
+    cli.add_command(chat.chat)
+    cli.add_command(chat.generate)
+    cli.add_command(bench.bench_group)
 
 
 _register()
