@@ -1,0 +1,423 @@
+"""The report's cells, method x KV dtype, computed once each and resumed after an interruption.
+
+    for each method:   a model cell   quantize SRC (or reuse it), weight bytes on disk and in memory
+        for each KV:   an eval cell   perplexity and task accuracy through the cell's engine
+
+Every finished cell is written atomically to OUT/cells/<key>.json together with
+the fingerprint of the settings that produced it; a rerun reuses a cell whose
+fingerprint matches and recomputes it otherwise, so an interrupted report
+resumes where it stopped and a report with changed settings never mixes in
+stale numbers.  All input is checked before the first cell is computed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from tqdm.auto import tqdm
+
+from lmcompress.errors import LmcError
+from lmcompress.report import bnb, memory
+from lmcompress.report.engines import kv_dtype_named, measure_perplexity, measure_task, open_engine, short_kv_name
+from lmcompress.report.files import write_json_atomic
+from lmcompress.report.memory import GpuBudget
+from lmcompress.report.provenance import checkpoint_identity, command, environment, fingerprint, text_sha256
+from lmcompress.report.tasks import Task, load_task
+
+FLOAT_METHOD = "fp16"  # the source checkpoint as it is
+LMC_METHODS = ("rtn", "awq", "gptq")
+METHODS = (FLOAT_METHOD, *LMC_METHODS, *bnb.BNB_METHODS)
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    unknown = [name for name in names if name not in METHODS]
+    if unknown or not names:
+        raise LmcError(f"unknown method {', '.join(unknown) or '(none)'} in --methods; use a comma list of "
+                       f"{', '.join(METHODS)}")
+    return names
+
+
+def parse_kv_dtypes(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(kv_dtype_named(name.strip()) for name in text.split(",") if name.strip()))
+    if not names:
+        raise LmcError("--kv names no KV cache dtype; pass a comma list such as fp16,int8,int4")
+    return names
+
+
+def load_bench_results(path: str | Path) -> dict[str, float]:
+    """Decode tokens/s per cell from a JSON object keyed METHOD/KV.
+
+    Each value is a number, or the path (relative to this file) of an
+    `lmc bench serve --result-file` whose output token throughput is taken, e.g.
+    {"fp16/fp16": 301.0, "awq/int8": "bench-awq-int8.json"}.
+    """
+    results = _read_json(Path(path), 'a JSON object of METHOD/KV: tokens/s, e.g. {"awq/int8": 812.5}')
+    if not isinstance(results, dict):
+        raise LmcError(f'bench results {path} must be a JSON object of METHOD/KV: tokens/s, e.g. {{"awq/int8": 812.5}}')
+    return {str(cell): _tokens_per_s(Path(path), cell, value) for cell, value in results.items()}
+
+
+def _tokens_per_s(path: Path, cell: str, value: object) -> float:
+    if isinstance(value, str):
+        record = _read_json(path.parent / value, "an lmc bench serve --result-file")
+        value = record.get("output_throughput") if isinstance(record, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise LmcError(f"bench results {path}: {cell} must be positive tokens/s or the path of an "
+                       f"lmc bench serve result file, got {value!r}")
+    return float(value)
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LmcError(f"cannot read {path} ({exc}); pass {what}") from None
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    src: Path
+    out: Path
+    methods: tuple[str, ...]
+    kv_dtypes: tuple[str, ...]  # the runtime's names: float16, int8, ...
+    eval_data: str
+    eval_tokens: int | None = None
+    max_length: int | None = None
+    stride: int | None = None
+    tasks: tuple[str, ...] = ("builtin",)
+    task_limit: int | None = None
+    calib_data: str = "pileval"
+    calib_samples: int = 128
+    calib_seqlen: int = 512
+    seed: int = 42
+    group_size: int = 128
+    device: str = "auto"
+    budget: GpuBudget = field(default_factory=GpuBudget)
+    decode_tokens_per_s: dict[str, float] = field(default_factory=dict)  # "method/kv" -> measured by lmc bench
+
+    @property
+    def models_dir(self) -> Path:
+        return self.out / "models"
+
+    def command(self) -> str:
+        """The `lmc report` command line that reproduces this report, every setting explicit."""
+        budget = self.budget
+        return command(
+            "lmc", "report", self.src, "--methods", ",".join(self.methods),
+            "--kv", ",".join(short_kv_name(kv) for kv in self.kv_dtypes), "--eval-data", self.eval_data,
+            "--out", self.out, "--eval-tokens", self.eval_tokens, "--max-length", self.max_length,
+            "--stride", self.stride, *[word for task in self.tasks for word in ("--task", task)],
+            "--task-limit", self.task_limit, "--context", budget.context, "--gpu-mem", _size_arg(budget.gpu_bytes),
+            "--activation-reserve", _size_arg(budget.activation_reserve_bytes), "--calib-data", self.calib_data,
+            "--calib-samples", self.calib_samples, "--calib-seqlen", self.calib_seqlen, "--seed", self.seed,
+            "--group-size", self.group_size, "--device", self.device,
+        )
+
+
+def _size_arg(n: int) -> str:
+    """Bytes as the shortest exact --gpu-mem style size: 24GiB, 512MiB or a plain count."""
+    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2)):
+        if n % factor == 0:
+            return f"{n // factor}{unit}"
+    return str(n)
+
+
+@dataclass
+class ModelCell:
+    method: str
+    model_dir: str
+    engine: str  # "turbo" or "transformers"
+    weight_bytes_disk: int
+    weight_bytes_memory: int
+    memory_basis: str  # how weight_bytes_memory was measured
+    quantize_seconds: float | None  # None for the float source
+    quantize_command: str | None
+    seeds: dict
+    environment: dict
+
+
+@dataclass
+class EvalCell:
+    method: str
+    kv_cache_dtype: str
+    engine: str
+    kv_bytes_per_token: int
+    perplexity: dict  # PerplexityResult fields
+    tasks: list[dict]  # TaskResult fields + the task file's sha256
+    seconds: float
+    commands: list[str]
+    environment: dict
+
+
+CellT = TypeVar("CellT", ModelCell, EvalCell)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    method: str
+    kv_cache_dtype: str | None  # None: every KV dtype of the method
+    reason: str
+
+
+@dataclass
+class MatrixResult:
+    models: dict[str, ModelCell]
+    evals: dict[tuple[str, str], EvalCell]
+    skipped: list[Skipped]
+    environment: dict
+
+
+class CellStore:
+    """OUT/cells/<key>.json files, each written atomically with its settings' fingerprint."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def load(self, key: str, expected_fingerprint: str, cell_type: type[CellT]) -> CellT | None:
+        """The saved `key` cell if it was made under `expected_fingerprint` with cell_type's fields, else None."""
+        path = self.directory / f"{key}.json"
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        cell = saved.get("cell") if isinstance(saved, dict) else None
+        if saved.get("fingerprint") != expected_fingerprint or not isinstance(cell, dict):
+            return None
+        if set(cell) != {f.name for f in fields(cell_type)}:  # written by another version of lmc report
+            return None
+        return cell_type(**cell)
+
+    def save(self, key: str, cell_fingerprint: str, cell: ModelCell | EvalCell) -> None:
+        write_json_atomic(self.directory / f"{key}.json", {"fingerprint": cell_fingerprint, "cell": asdict(cell)})
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """Everything read and checked before the first cell runs."""
+
+    device: torch.device
+    eval_text: str
+    tasks: tuple[Task, ...]
+    source_identity: dict
+    bnb_unavailable: str | None
+
+
+def run_matrix(config: ReportConfig, progress: bool = True) -> MatrixResult:
+    """Compute (or reuse) every cell of the report."""
+    inputs = _check_inputs(config)
+    store = CellStore(config.out / "cells")
+    result = MatrixResult(models={}, evals={}, skipped=[], environment=environment(inputs.device))
+    steps = len(config.methods) * (1 + len(config.kv_dtypes))
+    with _one_progress_bar(), tqdm(total=steps, desc="lmc report", unit="cell", disable=not progress) as bar:
+        for method in config.methods:
+            bar.set_postfix_str(f"{method} weights")
+            reason = _method_unavailable(method, inputs)
+            if reason is not None:
+                result.skipped.append(Skipped(method, None, reason))
+                bar.update(1 + len(config.kv_dtypes))
+                continue
+            model_fp, model = _model_cell(config, inputs, store, method)
+            result.models[method] = model
+            bar.update()
+            for kv in config.kv_dtypes:
+                bar.set_postfix_str(f"{method} / KV {short_kv_name(kv)}")
+                reason = _cell_unavailable(model, kv)
+                if reason is not None:
+                    result.skipped.append(Skipped(method, kv, reason))
+                else:
+                    result.evals[(method, kv)] = _eval_cell(config, inputs, store, model, model_fp, kv)
+                bar.update()
+    return result
+
+
+@contextmanager
+def _one_progress_bar() -> Iterator[None]:
+    """Silence transformers' per-load progress bars so the matrix's bar is the only one."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
+
+
+def _check_inputs(config: ReportConfig) -> _Inputs:
+    from lmcompress.calib.data import EVAL_SETS, load_eval_text
+    from lmcompress.checkpoint import Checkpoint
+    from lmcompress.resources import resolve_device
+
+    _check_counts(config)
+    source = Checkpoint(config.src)
+    if (source.config.get("quantization_config") or {}).get("quant_method"):
+        raise LmcError(f"{config.src} is already quantized; pass the original float checkpoint as SRC")
+    positions = source.config.get("max_position_embeddings")
+    if config.max_length is not None and positions and config.max_length > positions:
+        raise LmcError(f"--max-length {config.max_length} exceeds the model's {positions} positions; "
+                       f"pass --max-length {positions} or less")
+    if not Path(config.eval_data).exists() and config.eval_data not in EVAL_SETS:
+        raise LmcError(f"evaluation data {config.eval_data} not found; pass --eval-data PATH to an existing "
+                       f"text file (or {', '.join(EVAL_SETS)} when cached)")
+    unknown = sorted(set(config.decode_tokens_per_s) - {f"{m}/{short_kv_name(k)}" for m in METHODS
+                                                          for k in config.kv_dtypes})
+    if unknown:
+        raise LmcError(f"bench results name unknown cells {', '.join(unknown)}; key them as METHOD/KV, e.g. awq/int8")
+    device = resolve_device(config.device)
+    needs_bnb = any(method in bnb.BNB_METHODS for method in config.methods)
+    return _Inputs(
+        device=device,
+        eval_text=load_eval_text(config.eval_data),
+        tasks=tuple(load_task(spec) for spec in config.tasks),
+        source_identity=checkpoint_identity(config.src),
+        bnb_unavailable=bnb.unavailable_reason(device) if needs_bnb else None,
+    )
+
+
+def _check_counts(config: ReportConfig) -> None:
+    """Numeric options that would fail only later, mid-matrix, checked before anything runs."""
+    minimums = {"--eval-tokens": (config.eval_tokens, 2), "--max-length": (config.max_length, 2),
+                "--stride": (config.stride, 1), "--task-limit": (config.task_limit, 1),
+                "--calib-samples": (config.calib_samples, 1), "--calib-seqlen": (config.calib_seqlen, 2)}
+    for option, (value, minimum) in minimums.items():
+        if value is not None and value < minimum:
+            raise LmcError(f"{option} {value} is too small; pass {minimum} or more (or leave it out for the default)")
+
+
+def _method_unavailable(method: str, inputs: _Inputs) -> str | None:
+    return inputs.bnb_unavailable if method in bnb.BNB_METHODS else None
+
+
+def _cell_unavailable(model: ModelCell, kv: str) -> str | None:
+    if model.engine == "transformers" and kv != bnb.COMPUTE_DTYPE_NAME:
+        return (f"turbo does not run bitsandbytes weights and transformers keeps their KV cache in "
+                f"{short_kv_name(bnb.COMPUTE_DTYPE_NAME)}, so there is no {short_kv_name(kv)} KV cache to measure")
+    return None
+
+
+def _model_settings(config: ReportConfig, inputs: _Inputs, method: str) -> dict:
+    settings = {"src": str(config.src.resolve()), "source": inputs.source_identity, "method": method,
+                "device": str(inputs.device)}
+    if method in LMC_METHODS:
+        settings |= {"calib_data": config.calib_data, "calib_samples": config.calib_samples,
+                     "calib_seqlen": config.calib_seqlen, "seed": config.seed, "group_size": config.group_size}
+    if method in bnb.BNB_METHODS:
+        settings |= {"bitsandbytes": bnb.bnb_version()}
+    return settings
+
+
+def _model_cell(config: ReportConfig, inputs: _Inputs, store: CellStore, method: str) -> tuple[str, ModelCell]:
+    key, cell_fp = f"model-{method}", fingerprint(_model_settings(config, inputs, method))
+    saved = store.load(key, cell_fp, ModelCell)
+    if saved is not None and (Path(saved.model_dir) / "config.json").is_file():
+        return cell_fp, saved
+    if method == FLOAT_METHOD:
+        cell = _float_model_cell(config, inputs)
+    elif method in LMC_METHODS:
+        cell = _lmc_model_cell(config, inputs, method)
+    else:
+        cell = _bnb_model_cell(config, inputs, method)
+    store.save(key, cell_fp, cell)
+    return cell_fp, cell
+
+
+def _float_model_cell(config: ReportConfig, inputs: _Inputs) -> ModelCell:
+    return ModelCell(
+        method=FLOAT_METHOD, model_dir=str(config.src), engine="turbo",
+        weight_bytes_disk=memory.disk_bytes(config.src), weight_bytes_memory=memory.turbo_weight_bytes(config.src),
+        memory_basis="turbo, float16 weights", quantize_seconds=None, quantize_command=None, seeds={},
+        environment=environment(inputs.device),
+    )
+
+
+def _lmc_model_cell(config: ReportConfig, inputs: _Inputs, method: str) -> ModelCell:
+    from lmcompress.pipeline import QuantizeOptions, quantize_checkpoint
+    from lmcompress.quant.qtensor import QuantConfig
+
+    out = config.models_dir / method
+    fmt = "gptq" if method == "gptq" else "awq"
+    options = QuantizeOptions(
+        method=method, quant=QuantConfig(group_size=config.group_size), fmt=fmt, calib_data=config.calib_data,
+        calib_samples=config.calib_samples, calib_seqlen=config.calib_seqlen, seed=config.seed,
+        device=str(inputs.device),
+    )
+    summary = quantize_checkpoint(config.src, out, options, overwrite=True, progress=False)
+    return ModelCell(
+        method=method, model_dir=str(out), engine="turbo",
+        weight_bytes_disk=memory.disk_bytes(out), weight_bytes_memory=memory.turbo_weight_bytes(out),
+        memory_basis="turbo, packed 4-bit linears + float16 rest", quantize_seconds=summary.seconds,
+        quantize_command=command(
+            "lmc", "quantize", config.src, out, "--method", method, "--format", fmt,
+            "--group-size", config.group_size, "--calib-data", config.calib_data,
+            "--calib-samples", config.calib_samples, "--calib-seqlen", config.calib_seqlen,
+            "--seed", config.seed, "--device", inputs.device, "--overwrite",
+        ),
+        seeds={"calibration": config.seed}, environment=environment(inputs.device),
+    )
+
+
+def _bnb_model_cell(config: ReportConfig, inputs: _Inputs, method: str) -> ModelCell:
+    out = config.models_dir / method
+    summary = bnb.quantize_bnb(config.src, out, method, inputs.device)
+    return ModelCell(
+        method=method, model_dir=str(out), engine="transformers",
+        weight_bytes_disk=memory.disk_bytes(out), weight_bytes_memory=summary.memory_bytes,
+        memory_basis="transformers get_memory_footprint(), float16 compute", quantize_seconds=summary.seconds,
+        quantize_command=command(
+            "lmc", "report", config.src, "--methods", method, "--kv", "fp16", "--eval-data", config.eval_data,
+            "--device", inputs.device, "--out", config.out,
+        ),
+        seeds={}, environment=environment(inputs.device) | {"bnb_config": summary.config},
+    )
+
+
+def _eval_settings(config: ReportConfig, inputs: _Inputs, model_fp: str, kv: str) -> dict:
+    return {
+        "model": model_fp, "kv_cache_dtype": kv, "eval_data": config.eval_data,
+        "eval_text_sha256": text_sha256(inputs.eval_text), "eval_tokens": config.eval_tokens,
+        "max_length": config.max_length, "stride": config.stride, "task_limit": config.task_limit,
+        "tasks": [task.sha256 for task in inputs.tasks], "device": str(inputs.device),
+    }
+
+
+def _eval_cell(config: ReportConfig, inputs: _Inputs, store: CellStore, model: ModelCell, model_fp: str,
+               kv: str) -> EvalCell:
+    key = f"eval-{model.method}-{short_kv_name(kv)}"
+    cell_fp = fingerprint(_eval_settings(config, inputs, model_fp, kv))
+    saved = store.load(key, cell_fp, EvalCell)
+    if saved is not None:
+        return saved
+    start = time.perf_counter()
+    engine = open_engine(model.model_dir, kv, inputs.device, config.max_length)
+    ppl = measure_perplexity(engine, model.model_dir, inputs.eval_text, config.eval_tokens, config.max_length,
+                             config.stride)
+    tasks = [asdict(measure_task(engine, model.model_dir, task, config.task_limit)) | {"sha256": task.sha256}
+             for task in inputs.tasks]
+    cell = EvalCell(
+        method=model.method, kv_cache_dtype=kv, engine=engine.name,
+        kv_bytes_per_token=memory.kv_bytes_per_token(model.model_dir, kv),
+        perplexity=asdict(ppl), tasks=tasks, seconds=time.perf_counter() - start,
+        commands=_eval_commands(config, inputs, model, kv), environment=environment(inputs.device),
+    )
+    store.save(key, cell_fp, cell)
+    return cell
+
+
+def _eval_commands(config: ReportConfig, inputs: _Inputs, model: ModelCell, kv: str) -> list[str]:
+    """The `lmc eval` commands that recompute this cell's numbers alone."""
+    common = ("--kv-cache-dtype", short_kv_name(kv), "--device", inputs.device)
+    ppl = command("lmc", "eval", "ppl", model.model_dir, "--data", config.eval_data,
+                  "--max-tokens", config.eval_tokens, "--max-length", config.max_length, "--stride", config.stride,
+                  *common)
+    tasks = [command("lmc", "eval", "task", model.model_dir, "--task", task, "--limit", config.task_limit, *common)
+             for task in config.tasks]
+    return [ppl, *tasks]

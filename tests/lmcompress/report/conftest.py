@@ -1,0 +1,22 @@
+"""Shared by the report tests: one torch thread (the reference model's matmuls are tiny, and on a busy
+2-core machine OpenMP hand-offs cost more than they gain) and the reference assets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def reference_paths():
+    from lmcompress import reference
+
+    return reference.REFERENCE_MODEL_DIR, reference.REFERENCE_HELDOUT, reference.REFERENCE_CALIB
