@@ -14,14 +14,7 @@ from lmcompress.evaluate import PerplexityResult, perplexity, sliding_windows, w
 VOCAB, POSITIONS, NUM_TOKENS = 48, 64, 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a busy 2-core machine the
-    thread hand-offs make each forward tens of times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,7 @@ PROMPTS = ["The king said", "In the beginning", [0, 17, 42, 99], "Grub, n.", "An
 TIMEOUT_S = 60
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices: one thread avoids thread-pool overhead that dominates on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

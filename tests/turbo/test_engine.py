@@ -25,13 +25,7 @@ BLOCK = 16
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices: one thread avoids thread-pool overhead that dominates on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_llm(model: Path = REFERENCE_MODEL_DIR, **options) -> LLM:

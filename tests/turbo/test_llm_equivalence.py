@@ -34,13 +34,7 @@ PROMPT_LENGTHS = [1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 300, 4, 6, 10, 17
 SHARED_PREFIX = 160  # tokens; 8 prompts start with the same 160 tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices: one thread avoids thread-pool overhead that dominates on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def with_extra_eos(source: Path, dest: Path) -> Path:

@@ -84,12 +84,8 @@ def make_tiny_case(
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These layers are tiny: on a loaded 2-core box, OpenMP fan-out costs 5-10x more than it gains."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """Every test here runs tiny models (tests/conftest.py)."""
 
 
 @pytest.fixture

@@ -7,12 +7,9 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    """Every test here runs tiny models (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")
