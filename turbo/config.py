@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lmcompress.errors import LmcError
 from lmcompress.turbo.kv_cache import FLOAT_KV_DTYPES, INT_KV_BITS, KV_CACHE_DTYPES
+from lmcompress.turbo.kv_cache import KV_SCALE_MODES as KV_QUANT_MODES
 
 
 def _require_positive_int(owner: str, name: str, value: object) -> None:
@@ -64,7 +65,6 @@ class SchedulerConfig:
 
 # Short names the CLI and the HTTP server accept, mapped to the runner's dtype names.
 DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
-KV_QUANT_MODES = ("dynamic", "static")
 # The KV pool on the CPU when neither num_kv_blocks nor kv_cache_bytes is given:
 # a fraction of all free RAM (the CUDA rule) would starve everything else on the host.
 DEFAULT_CPU_KV_CACHE_BYTES = 2 * 1024**3

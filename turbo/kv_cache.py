@@ -26,6 +26,9 @@ from lmcompress.formats.packing import CODES_PER_INT32, pack_nibbles, unpack_nib
 
 FLOAT_KV_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 INT_KV_BITS = {"int8": 8, "int4": 4}
+# How int8/int4 KV gets its scales: per token and head at write time, or per layer and head from
+# the checkpoint's calibration tables (kv_cache_scales.json).
+KV_SCALE_MODES = ("dynamic", "static")
 KV_CACHE_DTYPES = (*FLOAT_KV_DTYPES, *INT_KV_BITS)
 # Bytes of one (token, head) scale/zero pair in dynamic mode.
 _DYNAMIC_META_BYTES = 2 * torch.float32.itemsize

@@ -19,12 +19,11 @@ from lmcompress.checkpoint import Checkpoint
 from lmcompress.errors import LmcError
 from lmcompress.quant.qtensor import QuantConfig
 from lmcompress.turbo.forward_batch import ForwardBatch, SeqInput
-from lmcompress.turbo.kv_cache import INT_KV_BITS, KV_CACHE_DTYPES, KVCache, KVCacheSpec, free_memory_budget
+from lmcompress.turbo.kv_cache import INT_KV_BITS, KV_CACHE_DTYPES, KV_SCALE_MODES, KVCache, KVCacheSpec, free_memory_budget
 from lmcompress.turbo.models.decoder import Decoder
 from lmcompress.turbo.models.model_config import TORCH_DTYPES, ModelConfig
 from lmcompress.turbo.models.weights import CheckpointWeights, DummyWeights, WeightSource
 
-KV_SCALE_MODES = ("dynamic", "static")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,7 +9,6 @@ rule), which covers prefill, chunked prefill, decode and prefix-cache hits alike
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
