@@ -47,6 +47,8 @@ _OPTIONS = (
                  help="Longest prompt + output; default: the model's max_position_embeddings."),
     click.option("--enable-prefix-caching/--disable-prefix-caching", default=_DEFAULTS["enable_prefix_caching"],
                  show_default=True, help="Reuse the KV of shared prompt prefixes across requests."),
+    click.option("--enforce-eager", is_flag=True, default=_DEFAULTS["enforce_eager"],
+                 help="On CUDA, run decode steps eagerly instead of replaying captured CUDA graphs."),
     click.option("--seed", type=int, default=None, help="Seed of the random stream of unseeded requests."),
 )
 

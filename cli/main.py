@@ -39,6 +39,9 @@ def cli() -> None:
     lmc generate MODEL TEXT   one completion, streamed to the terminal
     lmc chat MODEL            a conversation in the terminal
     lmc bench serve           serving benchmark against any OpenAI-compatible server
+    lmc bench throughput      offline throughput and latency of turbo (N requests, fixed lengths)
+    lmc bench hf              the same workload through transformers generate(), the baseline
+    lmc bench kernels         turbo's GPU kernels against copy bandwidth and cuBLAS, one run
     """
 
 

@@ -16,8 +16,9 @@ DEFAULT_KV = "fp16,int8,int4"
 @click.argument("src", type=click.Path(file_okay=False))
 @click.option("--methods", default=",".join(METHODS), show_default=True, help="Comma list of methods to compare.")
 @click.option("--kv", "kv_dtypes", default=DEFAULT_KV, show_default=True, help="Comma list of KV cache dtypes.")
-@click.option("--eval-data", required=True,
-              help="Perplexity text: a local .txt/.jsonl/.json/.parquet file, or wikitext2 when cached.")
+@click.option("--eval-data", default=None,
+              help="Perplexity text: a local .txt/.jsonl/.json/.parquet file, or wikitext2 when cached. "
+                   "Needed unless accuracy is not applicable (--no-accuracy, or random weights).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Report directory; finished cells under OUT/cells are reused by a rerun.")
 @click.option("--eval-tokens", type=int, default=None, help="Score only the first N tokens of the evaluation text.")
@@ -39,17 +40,21 @@ DEFAULT_KV = "fp16,int8,int4"
 @click.option("--group-size", type=int, default=128, show_default=True, help="Group size of the 4-bit methods.")
 @device_option
 @click.option("--bench-results", type=click.Path(dir_okay=False), default=None,
-              help='Decode tokens/s per cell: JSON {"METHOD/KV": tokens_per_s or the path of an '
-                   'lmc bench serve --result-file}.')
+              help='Decode tokens/s per cell: JSON {"METHOD/KV": tokens_per_s, or the path of an lmc bench '
+                   'serve --result-file or lmc bench throughput --json result, whose output tok/s is taken}.')
+@click.option("--no-accuracy", is_flag=True,
+              help="Skip perplexity and task accuracy (marked n/a): memory, capacity, quantize time and decode "
+                   "columns only. Automatic for random-weight checkpoints (lmcompress.reference.dummy).")
 def report(src, methods, kv_dtypes, eval_data, out_dir, eval_tokens, max_length, stride, tasks, task_limit, context,
            gpu_mem, activation_reserve, calib_data, calib_samples, calib_seqlen, seed, group_size, device,
-           bench_results) -> None:
+           bench_results, no_accuracy) -> None:
     """Compare compression methods on SRC: accuracy cost against memory saving.
 
     Quantizes SRC with each of --methods (reusing what OUT already holds),
     evaluates each with each --kv cache dtype, and writes report.md,
     report.json, report.html and report.png to OUT.  Interrupted, it resumes
-    where it stopped.
+    where it stopped.  With random weights or --no-accuracy the accuracy
+    columns read n/a and only the memory-side columns are measured.
     """
     from lmcompress.report.matrix import (
         ReportConfig, load_bench_results, parse_kv_dtypes, parse_methods, run_matrix,
@@ -65,11 +70,13 @@ def report(src, methods, kv_dtypes, eval_data, out_dir, eval_tokens, max_length,
         budget=GpuBudget(gpu_bytes=parse_size(gpu_mem), context=context,
                          activation_reserve_bytes=parse_size(activation_reserve)),
         decode_tokens_per_s=load_bench_results(bench_results) if bench_results else {},
+        accuracy=not no_accuracy,
     )
     result = run_matrix(config)
     built = build_report(config, result, config.command())
     paths = write_report(built, config, config.out)
     skipped = len(built.rows) - len(built.measured())
+    accuracy = (f"accuracy n/a ({built.accuracy_na})" if built.accuracy_na
+                else f"Pareto frontier {', '.join(built.pareto_frontier) or 'empty'}")
     click.echo(f"wrote {paths['md']}, {paths['html'].name}, {paths['json'].name}, {paths['png'].name}: "
-               f"cells: {len(built.measured())} measured, {skipped} skipped; "
-               f"Pareto frontier {', '.join(built.pareto_frontier) or 'empty'}")
+               f"cells: {len(built.measured())} measured, {skipped} skipped; {accuracy}")

@@ -1,10 +1,14 @@
-"""Reference paged attention over a packed batch (plain PyTorch; the oracle for later kernels).
+"""Paged attention over a packed batch: Triton kernels on CUDA, a plain PyTorch reference elsewhere.
 
 Sequence b's new queries sit at positions [num_computed[b], context_lens[b]); they
 attend causally to all context_lens[b] tokens, whose K/V the layer has already
 written to the cache, gathered through the sequence's block table.  Reading the
 new tokens back from the cache (rather than using the fresh K/V) keeps results
 independent of how a prompt is chunked, quantized KV included.
+
+paged_attention_reference is the oracle the kernels (turbo/kernels/paged_attention.py)
+are tested against; the kernel module imports triton, so it is imported only when
+kernels.available() says the CUDA path can run.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lmcompress.turbo import kernels
 from lmcompress.turbo.forward_batch import ForwardBatch
 from lmcompress.turbo.kv_cache import LayerKVCache
 
@@ -38,7 +43,27 @@ def causal_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 
 
 def paged_attention(query: torch.Tensor, cache: LayerKVCache, batch: ForwardBatch, scale: float) -> torch.Tensor:
-    """query [T, H, D] of the packed batch -> attention output [T, H, D], one sequence at a time."""
+    """query [T, H, D] of the packed batch -> attention output [T, H, D].
+
+    On CUDA: the decode kernel when every sequence has one new token (batch.max_query_len
+    == 1, the CUDA-graph step), else the prompt-chunk kernel.  Elsewhere, or for head
+    sizes the kernels do not take, the reference.
+    """
+    if kernels.available(query.device):
+        from lmcompress.turbo.kernels import paged_attention as attention_kernels
+
+        if attention_kernels.supports(query.shape[-1]):
+            if batch.max_query_len == 1:
+                return attention_kernels.paged_decode_attention(query, cache, batch.block_tables, batch.seq_lens, scale)
+            return attention_kernels.paged_prefill_attention(
+                query, cache, batch.block_tables, batch.seq_lens, batch.query_start, batch.max_query_len, scale
+            )
+    return paged_attention_reference(query, cache, batch, scale)
+
+
+def paged_attention_reference(query: torch.Tensor, cache: LayerKVCache, batch: ForwardBatch,
+                              scale: float) -> torch.Tensor:
+    """query [T, H, D] of the packed batch -> attention output [T, H, D], one sequence at a time (plain PyTorch)."""
     out = torch.empty_like(query)
     starts = batch.query_start_loc
     for seq, context_len in enumerate(batch.context_lens):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmcompress.errors import LmcError
+from lmcompress.quant.qtensor import QuantConfig
 from lmcompress.turbo.kv_cache import FLOAT_KV_DTYPES, INT_KV_BITS, KV_CACHE_DTYPES
 from lmcompress.turbo.kv_cache import KV_SCALE_MODES as KV_QUANT_MODES
 
@@ -101,7 +102,10 @@ class EngineConfig:
         CPU DEFAULT_CPU_KV_CACHE_BYTES.
     max_model_len: longest prompt + output; None = the model's max_position_embeddings.
     dummy_weights: random weights from config.json alone (benchmarks).
+    dummy_quant: with dummy_weights, make the decoder linears random 4-bit weights of this config.
     dequantize_weights: dequantize 4-bit linears once at load (faster on the CPU, no memory saving).
+    enforce_eager: on CUDA, run decode steps eagerly instead of replaying captured CUDA graphs
+        (graphs cost capture time at start and some memory; eager helps debugging).
     seed: seeds dummy weights and the shared random stream of unseeded sampled requests;
         None = fresh OS entropy for the stream.
     """
@@ -121,7 +125,9 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     dummy_weights: bool = False
+    dummy_quant: QuantConfig | None = None
     dequantize_weights: bool = False
+    enforce_eager: bool = False
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -136,9 +142,12 @@ class EngineConfig:
             _require_positive_int("EngineConfig", name, getattr(self, name))
         for name in ("num_kv_blocks", "kv_cache_bytes", "max_model_len"):
             _require_optional_positive_int(name, getattr(self, name))
-        for name in ("enable_prefix_caching", "dummy_weights", "dequantize_weights"):
+        for name in ("enable_prefix_caching", "dummy_weights", "dequantize_weights", "enforce_eager"):
             if not isinstance(getattr(self, name), bool):
                 raise LmcError(f"EngineConfig.{name} must be True or False, got {getattr(self, name)!r}; pass a bool")
+        if self.dummy_quant is not None and not self.dummy_weights:
+            raise LmcError("random 4-bit weights (dummy_quant) apply to dummy weights; a checkpoint brings its own "
+                           "quantization: set dummy_weights (--dummy) or drop dummy_quant (--quant)")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise LmcError(f"EngineConfig.seed must be an integer or None, got {self.seed!r}; pass an integer")
 

@@ -55,7 +55,8 @@ def build_model_runner(config: EngineConfig) -> ModelRunner:
         device=str(device), dtype=config.dtype, kv_cache_dtype=config.kv_cache_dtype, kv_scales=config.kv_quant,
         block_size=config.block_size, num_blocks=config.num_kv_blocks, kv_cache_budget=budget,
         kv_cache_memory_fraction=config.gpu_memory_utilization, max_model_len=config.max_model_len,
-        dummy=config.dummy_weights, dequantize_weights=config.dequantize_weights, seed=config.seed or 0,
+        dummy=config.dummy_weights, dummy_quant=config.dummy_quant, dequantize_weights=config.dequantize_weights,
+        cuda_graphs=not config.enforce_eager, max_num_seqs=config.max_num_seqs, seed=config.seed or 0,
     )
     return ModelRunner(config.model, options)
 

@@ -39,7 +39,8 @@ class ForwardBatch:
     """Packed inputs of B sequences with T new tokens in total.
 
     Per-token tensors are on the model's device; per-sequence counts are Python
-    ints so the reference attention can slice without device syncs.
+    ints so the reference attention can slice without device syncs, and are also
+    on the device (seq_lens, query_start) for the attention kernels.
     """
 
     input_ids: torch.Tensor  # [T] long
@@ -51,6 +52,9 @@ class ForwardBatch:
     num_computed: tuple[int, ...]  # [B] tokens already cached = position of each sequence's first new token
     logit_counts: tuple[int, ...]  # [B] logits rows per sequence: logits.split(logit_counts) gives each one's
     block_size: int
+    seq_lens: torch.Tensor  # [B] int32: context_lens on the device (0 for a padding row of a CUDA graph)
+    query_start: torch.Tensor  # [B + 1] int32: query_start_loc on the device
+    max_query_len: int  # the most new tokens of any sequence; 1 = a pure decode step
 
     @property
     def num_seqs(self) -> int:
@@ -92,16 +96,23 @@ class ForwardBatch:
         def long(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 
+        def int32(values: Sequence[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int32, device=device)
+
+        query_lens = tuple(len(seq.token_ids) for seq in seqs)
         return cls(
             input_ids=long(input_ids),
             positions=long(positions),
             slot_mapping=long(slots),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+            block_tables=int32(tables),
             logits_indices=long(logits_indices),
-            query_lens=tuple(len(seq.token_ids) for seq in seqs),
+            query_lens=query_lens,
             num_computed=tuple(seq.start for seq in seqs),
             logit_counts=tuple(logit_counts),
             block_size=block_size,
+            seq_lens=int32([seq.start + n for seq, n in zip(seqs, query_lens)]),
+            query_start=int32([0, *accumulate(query_lens)]),
+            max_query_len=max(query_lens),
         )
 
 

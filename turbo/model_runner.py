@@ -2,7 +2,7 @@
 
 Build order: weights first (from a checkpoint directory, or random in dummy mode),
 then the KV pool, sized by a block count, a byte budget, or a fraction of the
-memory left free by the weights.
+memory left free by the weights, then (on CUDA) the decode-step CUDA graphs.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from lmcompress.calib.kv_stats import KVScales, load_kv_scales
 from lmcompress.checkpoint import Checkpoint
 from lmcompress.errors import LmcError
 from lmcompress.quant.qtensor import QuantConfig
+from lmcompress.turbo import kernels
+from lmcompress.turbo.cuda_graph import DecodeGraphs
 from lmcompress.turbo.forward_batch import ForwardBatch, SeqInput
 from lmcompress.turbo.kv_cache import INT_KV_BITS, KV_CACHE_DTYPES, KV_SCALE_MODES, KVCache, KVCacheSpec, free_memory_budget
 from lmcompress.turbo.models.decoder import Decoder
@@ -41,6 +43,8 @@ class RunnerOptions:
     dummy: random weights from config.json alone (benchmarks); dummy_quant makes
         the decoder linears random 4-bit QTensors of that config.
     dequantize_weights: dequantize 4-bit linears once at load (faster on the CPU, no memory saving).
+    cuda_graphs: on CUDA, replay decode steps from CUDA graphs captured for batch sizes
+        up to max_num_seqs (False = eager, vLLM's enforce_eager).
     """
 
     device: str = "cpu"
@@ -55,6 +59,8 @@ class RunnerOptions:
     dummy: bool = False
     dummy_quant: QuantConfig | None = None
     dequantize_weights: bool = False
+    cuda_graphs: bool = True
+    max_num_seqs: int = 256
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -68,7 +74,7 @@ class RunnerOptions:
             raise LmcError(f"KV scales {self.kv_scales!r} is not supported; use dynamic or static")
         if self.dummy_quant is not None and not self.dummy:
             raise LmcError("dummy_quant only applies to dummy weights; set dummy=True or drop dummy_quant")
-        for name in ("block_size", "num_blocks", "kv_cache_budget", "max_model_len"):
+        for name in ("block_size", "num_blocks", "kv_cache_budget", "max_model_len", "max_num_seqs"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise LmcError(f"RunnerOptions.{name} must be a positive integer, got {value!r}")
@@ -95,6 +101,13 @@ class ModelRunner:
             static_scales=self._static_kv_scales(kv_dtype),
         )
         self.kv_cache = KVCache(self.kv_spec, self._pool_blocks(), self.device)
+        self.decode_graphs = self._capture_decode_graphs()
+
+    def _capture_decode_graphs(self) -> DecodeGraphs | None:
+        if not (self.options.cuda_graphs and kernels.available(self.device)):
+            return None
+        max_blocks = -(-self.max_model_len // self.block_size)
+        return DecodeGraphs(self.model, self.kv_cache, self.options.max_num_seqs, max_blocks)
 
     def _pool_blocks(self) -> int:
         options = self.options
@@ -158,6 +171,8 @@ class ModelRunner:
                 f"a sequence reaches {longest} tokens, beyond max_model_len {self.max_model_len}; "
                 "shorten it or raise max_model_len"
             )
+        if self.decode_graphs is not None and self.decode_graphs.fits(batch):
+            return self.decode_graphs.run(batch)
         return self.model(batch, self.kv_cache)
 
 

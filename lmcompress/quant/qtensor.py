@@ -78,3 +78,30 @@ class QTensor:
         scales = self.scales.to(torch.float32)[:, groups]
         zeros = self.zeros.to(torch.float32)[:, groups]
         return ((self.q.to(torch.float32) - zeros) * scales).to(dtype)
+
+
+def concat_out_features(parts: list[QTensor]) -> QTensor:
+    """Stack weights that read the same input (q/k/v, gate/up) into one [sum(out), in] QTensor.
+
+    The parts must share bits, group size and channel grouping (GPTQ's act-order
+    derives g_idx from the shared input's Hessian, so siblings agree).
+    """
+    first = parts[0]
+    for part in parts[1:]:
+        same_groups = (part.g_idx is None and first.g_idx is None) or (
+            part.g_idx is not None and first.g_idx is not None and torch.equal(part.g_idx, first.g_idx)
+        )
+        if (part.bits, part.group_size, part.shape[1]) != (first.bits, first.group_size, first.shape[1]) \
+                or not same_groups:
+            raise LmcError(
+                "cannot stack quantized linears with different bits, group size, in_features or g_idx; "
+                "load them as separate linears"
+            )
+    return QTensor(
+        q=torch.cat([p.q for p in parts]),
+        scales=torch.cat([p.scales for p in parts]),
+        zeros=torch.cat([p.zeros for p in parts]),
+        bits=first.bits,
+        group_size=first.group_size,
+        g_idx=first.g_idx,
+    )

@@ -3,7 +3,10 @@
 Weights are written tensor by tensor straight into safetensors shards, so a 7B
 checkpoint needs one shard of memory, not the model.  Values are N(0, 0.02) with
 norms at 1, which exercises every code path; the accuracy of such a model means
-nothing.
+nothing, so config.json says so: DUMMY_WEIGHTS_KEY ("lmc_dummy_weights": true).
+The key rides along wherever config.json is carried over (lmc quantize copies the
+source's config; transformers' save_pretrained keeps unknown config keys), and
+`lmc report` marks the accuracy columns of such a model not applicable.
 """
 
 from __future__ import annotations
@@ -25,14 +28,21 @@ LLAMA2_7B = {
     "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16",
 }
 SHAPES = {"llama2-7b": LLAMA2_7B}
+DUMMY_WEIGHTS_KEY = "lmc_dummy_weights"
+
+
+def has_dummy_weights(model_dir: str | Path) -> bool:
+    """Whether config.json marks the weights as random (written here, or quantized from such a checkpoint)."""
+    config_path = Path(model_dir) / "config.json"
+    return config_path.is_file() and json.loads(config_path.read_text()).get(DUMMY_WEIGHTS_KEY) is True
 
 
 def write_dummy_checkpoint(out_dir: str | Path, config: dict, tokenizer_dir: str | Path | None = None,
                            device: str = "cpu", seed: int = 0, max_shard_bytes: int = 4 * 1024**3) -> Path:
-    """Write config.json, fp16 random weights and (optionally) a copy of a tokenizer's files."""
+    """Write config.json (marked DUMMY_WEIGHTS_KEY), fp16 random weights and (optionally) a tokenizer's files."""
     generator = torch.Generator(device=device).manual_seed(seed)
     with atomic_output_dir(out_dir, overwrite=True) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "config.json").write_text(json.dumps({**config, DUMMY_WEIGHTS_KEY: True}, indent=2))
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
         for name, shape in _parameter_shapes(tmp).items():
             writer.add(name, _dummy_tensor(name, shape, device, generator))

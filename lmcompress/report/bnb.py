@@ -10,8 +10,10 @@ float16 (the dtype bitsandbytes users run).
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import torch
 from lmcompress.errors import LmcError
 from lmcompress.output_dir import atomic_output_dir
 from lmcompress.pipeline_io import copy_side_files
+from lmcompress.resources import PeakMemory
 
 BNB_METHODS = ("bnb-nf4", "bnb-int8")
 COMPUTE_DTYPE = torch.float16
@@ -29,7 +32,8 @@ COMPUTE_DTYPE_NAME = "float16"
 @dataclass(frozen=True)
 class BnbSummary:
     seconds: float  # loading + quantizing, not saving
-    memory_bytes: int  # transformers' get_memory_footprint() of the quantized model
+    memory_bytes: int  # held_bytes() of the quantized model
+    peak_gpu_bytes: int | None  # torch's peak allocated GPU memory while loading + quantizing; None off CUDA
     config: dict  # the BitsAndBytesConfig used
 
 
@@ -83,13 +87,38 @@ def quantize_bnb(src: str | Path, out: str | Path, method: str, device: torch.de
 
     config = bnb_config(method)
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(src, quantization_config=config, device_map=_device_map(device),
-                                                 dtype=COMPUTE_DTYPE)
+    with PeakMemory(device) as peak:
+        model = AutoModelForCausalLM.from_pretrained(src, quantization_config=config,
+                                                     device_map=_device_map(device), dtype=COMPUTE_DTYPE)
     seconds = time.perf_counter() - start
     with atomic_output_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         copy_side_files(Path(src), tmp)
-    return BnbSummary(seconds=seconds, memory_bytes=model.get_memory_footprint(), config=config.to_dict())
+    return BnbSummary(seconds=seconds, memory_bytes=held_bytes(model),
+                      peak_gpu_bytes=peak.bytes if peak.kind == "gpu_allocated" else None, config=config.to_dict())
+
+
+def held_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the distinct tensor storages the model holds: parameters, buffers and bitsandbytes'
+    quantization state (NF4's absmax per 64 weights, LLM.int8()'s row scales), which transformers'
+    get_memory_footprint() leaves out; a storage shared by several tensors counts once."""
+    storages = {}
+    for tensor in _held_tensors(model):
+        storage = tensor.untyped_storage()
+        storages[(tensor.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _held_tensors(model: torch.nn.Module) -> Iterator[torch.Tensor]:
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        yield tensor
+        state = getattr(tensor, "quant_state", None)  # Params4bit; nested (double) quantization chains state2
+        while state is not None:
+            yield from (t for t in (state.absmax, state.code, state.offset) if isinstance(t, torch.Tensor))
+            state = state.state2
+        scales = getattr(tensor, "SCB", None)  # Int8Params
+        if isinstance(scales, torch.Tensor):
+            yield scales
 
 
 def load_bnb_model(model_dir: str | Path, device: torch.device):

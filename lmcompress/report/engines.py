@@ -97,8 +97,10 @@ class TurboEngine:
         window = max_length or min(positions, DEFAULT_MAX_LENGTH)
         block_size = EngineConfig.block_size  # turbo's default KV block length
         blocks = max(-(-window // block_size), SCORING_BLOCKS)
+        # Eager: scoring is all prefill, so decode-step CUDA graphs would only cost capture time and memory.
         self.runner = build_model_runner(EngineConfig(
             model=str(model_dir), device=str(device), kv_cache_dtype=kv_cache_dtype, num_kv_blocks=blocks,
+            enforce_eager=True,
         ))
         self.max_len = min(self.runner.max_model_len, SCORING_BLOCKS * self.runner.block_size)
 

@@ -1,7 +1,11 @@
 """The report's cells, method x KV dtype, computed once each and resumed after an interruption.
 
     for each method:   a model cell   quantize SRC (or reuse it), weight bytes on disk and in memory
-        for each KV:   an eval cell   perplexity and task accuracy through the cell's engine
+        for each KV:   an eval cell   KV bytes per token; perplexity and task accuracy through the cell's engine
+
+The accuracy columns are not applicable, and not computed, when SRC holds random
+weights (config.json marked by lmcompress.reference.dummy) or with --no-accuracy:
+the memory and quantize-time columns are then the whole report.
 
 Every finished cell is written atomically to OUT/cells/<key>.json together with
 the fingerprint of the settings that produced it; a rerun reuses a cell whose
@@ -12,6 +16,7 @@ stale numbers.  All input is checked before the first cell is computed.
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from collections.abc import Iterator
@@ -32,6 +37,9 @@ from lmcompress.report.provenance import checkpoint_identity, command, environme
 from lmcompress.report.tasks import Task, load_task
 
 FLOAT_METHOD = "fp16"  # the source checkpoint as it is
+# Why a report's accuracy columns are not applicable (shown as "n/a (<why>)").
+RANDOM_WEIGHTS = "random weights"
+NO_ACCURACY = "--no-accuracy"
 LMC_METHODS = ("rtn", "awq", "gptq")
 METHODS = (FLOAT_METHOD, *LMC_METHODS, *bnb.BNB_METHODS)
 
@@ -52,11 +60,16 @@ def parse_kv_dtypes(text: str) -> tuple[str, ...]:
     return names
 
 
+# Where a benchmark's result file keeps its output tokens/s: `lmc bench serve --result-file`,
+# then `lmc bench throughput --json`.
+THROUGHPUT_KEYS = (("output_throughput",), ("throughput", "output_tok_s"))
+
+
 def load_bench_results(path: str | Path) -> dict[str, float]:
     """Decode tokens/s per cell from a JSON object keyed METHOD/KV.
 
-    Each value is a number, or the path (relative to this file) of an
-    `lmc bench serve --result-file` whose output token throughput is taken, e.g.
+    Each value is a number, or the path (relative to this file) of a benchmark result
+    whose output token throughput is taken (a THROUGHPUT_KEYS entry), e.g.
     {"fp16/fp16": 301.0, "awq/int8": "bench-awq-int8.json"}.
     """
     results = _read_json(Path(path), 'a JSON object of METHOD/KV: tokens/s, e.g. {"awq/int8": 812.5}')
@@ -67,12 +80,21 @@ def load_bench_results(path: str | Path) -> dict[str, float]:
 
 def _tokens_per_s(path: Path, cell: str, value: object) -> float:
     if isinstance(value, str):
-        record = _read_json(path.parent / value, "an lmc bench serve --result-file")
-        value = record.get("output_throughput") if isinstance(record, dict) else None
+        value = _output_throughput(_read_json(path.parent / value, "an lmc bench serve or throughput result file"))
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise LmcError(f"bench results {path}: {cell} must be positive tokens/s or the path of an "
-                       f"lmc bench serve result file, got {value!r}")
+        raise LmcError(f"bench results {path}: {cell} must be positive tokens/s or the path of an lmc bench "
+                       f"serve --result-file or lmc bench throughput --json file, got {value!r}")
     return float(value)
+
+
+def _output_throughput(record: object) -> object:
+    for keys in THROUGHPUT_KEYS:
+        value = record
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None:
+            return value
+    return None
 
 
 def _read_json(path: Path, what: str):
@@ -88,7 +110,7 @@ class ReportConfig:
     out: Path
     methods: tuple[str, ...]
     kv_dtypes: tuple[str, ...]  # the runtime's names: float16, int8, ...
-    eval_data: str
+    eval_data: str | None  # needed unless accuracy is not applicable
     eval_tokens: int | None = None
     max_length: int | None = None
     stride: int | None = None
@@ -102,6 +124,7 @@ class ReportConfig:
     device: str = "auto"
     budget: GpuBudget = field(default_factory=GpuBudget)
     decode_tokens_per_s: dict[str, float] = field(default_factory=dict)  # "method/kv" -> measured by lmc bench
+    accuracy: bool = True  # False: --no-accuracy, memory and quantize-time columns only
 
     @property
     def models_dir(self) -> Path:
@@ -118,7 +141,7 @@ class ReportConfig:
             "--task-limit", self.task_limit, "--context", budget.context, "--gpu-mem", _size_arg(budget.gpu_bytes),
             "--activation-reserve", _size_arg(budget.activation_reserve_bytes), "--calib-data", self.calib_data,
             "--calib-samples", self.calib_samples, "--calib-seqlen", self.calib_seqlen, "--seed", self.seed,
-            "--group-size", self.group_size, "--device", self.device,
+            "--group-size", self.group_size, "--device", self.device, *(() if self.accuracy else (NO_ACCURACY,)),
         )
 
 
@@ -139,6 +162,7 @@ class ModelCell:
     weight_bytes_memory: int
     memory_basis: str  # how weight_bytes_memory was measured
     quantize_seconds: float | None  # None for the float source
+    quantize_peak_gpu_bytes: int | None  # torch's peak allocated GPU memory while quantizing; None off CUDA
     quantize_command: str | None
     seeds: dict
     environment: dict
@@ -150,8 +174,8 @@ class EvalCell:
     kv_cache_dtype: str
     engine: str
     kv_bytes_per_token: int
-    perplexity: dict  # PerplexityResult fields
-    tasks: list[dict]  # TaskResult fields + the task file's sha256
+    perplexity: dict | None  # PerplexityResult fields; None where accuracy is not applicable
+    tasks: list[dict]  # TaskResult fields + the task file's sha256; empty where accuracy is not applicable
     seconds: float
     commands: list[str]
     environment: dict
@@ -173,6 +197,7 @@ class MatrixResult:
     evals: dict[tuple[str, str], EvalCell]
     skipped: list[Skipped]
     environment: dict
+    accuracy_na: str | None = None  # why perplexity and tasks were not computed (RANDOM_WEIGHTS, NO_ACCURACY)
 
 
 class CellStore:
@@ -204,7 +229,8 @@ class _Inputs:
     """Everything read and checked before the first cell runs."""
 
     device: torch.device
-    eval_text: str
+    accuracy_na: str | None  # RANDOM_WEIGHTS or NO_ACCURACY: no evaluation text, no tasks, nothing scored
+    eval_text: str | None
     tasks: tuple[Task, ...]
     source_identity: dict
     bnb_unavailable: str | None
@@ -214,7 +240,8 @@ def run_matrix(config: ReportConfig, progress: bool = True) -> MatrixResult:
     """Compute (or reuse) every cell of the report."""
     inputs = _check_inputs(config)
     store = CellStore(config.out / "cells")
-    result = MatrixResult(models={}, evals={}, skipped=[], environment=environment(inputs.device))
+    result = MatrixResult(models={}, evals={}, skipped=[], environment=environment(inputs.device),
+                          accuracy_na=inputs.accuracy_na)
     steps = len(config.methods) * (1 + len(config.kv_dtypes))
     with _one_progress_bar(), tqdm(total=steps, desc="lmc report", unit="cell", disable=not progress) as bar:
         for method in config.methods:
@@ -253,7 +280,7 @@ def _one_progress_bar() -> Iterator[None]:
 
 
 def _check_inputs(config: ReportConfig) -> _Inputs:
-    from lmcompress.calib.data import EVAL_SETS, load_eval_text
+    from lmcompress.calib.data import load_eval_text
     from lmcompress.checkpoint import Checkpoint
     from lmcompress.resources import resolve_device
 
@@ -265,22 +292,44 @@ def _check_inputs(config: ReportConfig) -> _Inputs:
     if config.max_length is not None and positions and config.max_length > positions:
         raise LmcError(f"--max-length {config.max_length} exceeds the model's {positions} positions; "
                        f"pass --max-length {positions} or less")
-    if not Path(config.eval_data).exists() and config.eval_data not in EVAL_SETS:
-        raise LmcError(f"evaluation data {config.eval_data} not found; pass --eval-data PATH to an existing "
-                       f"text file (or {', '.join(EVAL_SETS)} when cached)")
+    accuracy_na = _accuracy_not_applicable(config)
+    if accuracy_na is None:
+        _check_eval_data(config.eval_data)
     unknown = sorted(set(config.decode_tokens_per_s) - {f"{m}/{short_kv_name(k)}" for m in METHODS
                                                           for k in config.kv_dtypes})
     if unknown:
         raise LmcError(f"bench results name unknown cells {', '.join(unknown)}; key them as METHOD/KV, e.g. awq/int8")
     device = resolve_device(config.device)
     needs_bnb = any(method in bnb.BNB_METHODS for method in config.methods)
+    scored = accuracy_na is None
     return _Inputs(
         device=device,
-        eval_text=load_eval_text(config.eval_data),
-        tasks=tuple(load_task(spec) for spec in config.tasks),
+        accuracy_na=accuracy_na,
+        eval_text=load_eval_text(config.eval_data) if scored else None,
+        tasks=tuple(load_task(spec) for spec in config.tasks) if scored else (),
         source_identity=checkpoint_identity(config.src),
         bnb_unavailable=bnb.unavailable_reason(device) if needs_bnb else None,
     )
+
+
+def _accuracy_not_applicable(config: ReportConfig) -> str | None:
+    """Why perplexity and task accuracy are not computed, or None when they are."""
+    from lmcompress.reference.dummy import has_dummy_weights
+
+    if has_dummy_weights(config.src):
+        return RANDOM_WEIGHTS  # measuring noise would only mislead
+    return None if config.accuracy else NO_ACCURACY
+
+
+def _check_eval_data(eval_data: str | None) -> None:
+    from lmcompress.calib.data import EVAL_SETS
+
+    if eval_data is None:
+        raise LmcError(f"no evaluation data for the accuracy columns; pass --eval-data PATH to a text file "
+                       f"(or {', '.join(EVAL_SETS)} when cached), or {NO_ACCURACY} for the memory columns alone")
+    if not Path(eval_data).exists() and eval_data not in EVAL_SETS:
+        raise LmcError(f"evaluation data {eval_data} not found; pass --eval-data PATH to an existing "
+                       f"text file (or {', '.join(EVAL_SETS)} when cached)")
 
 
 def _check_counts(config: ReportConfig) -> None:
@@ -327,14 +376,24 @@ def _model_cell(config: ReportConfig, inputs: _Inputs, store: CellStore, method:
     else:
         cell = _bnb_model_cell(config, inputs, method)
     store.save(key, cell_fp, cell)
+    _release_memory(inputs.device)
     return cell_fp, cell
+
+
+def _release_memory(device: torch.device) -> None:
+    """Free what a finished cell left behind, so the next cell's peak GPU memory is its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _float_model_cell(config: ReportConfig, inputs: _Inputs) -> ModelCell:
     return ModelCell(
         method=FLOAT_METHOD, model_dir=str(config.src), engine="turbo",
-        weight_bytes_disk=memory.disk_bytes(config.src), weight_bytes_memory=memory.turbo_weight_bytes(config.src),
-        memory_basis="turbo, float16 weights", quantize_seconds=None, quantize_command=None, seeds={},
+        weight_bytes_disk=memory.disk_bytes(config.src),
+        weight_bytes_memory=memory.turbo_weight_bytes(config.src, inputs.device),
+        memory_basis="turbo, float16 weights", quantize_seconds=None, quantize_peak_gpu_bytes=None,
+        quantize_command=None, seeds={},
         environment=environment(inputs.device),
     )
 
@@ -353,8 +412,9 @@ def _lmc_model_cell(config: ReportConfig, inputs: _Inputs, method: str) -> Model
     summary = quantize_checkpoint(config.src, out, options, overwrite=True, progress=False)
     return ModelCell(
         method=method, model_dir=str(out), engine="turbo",
-        weight_bytes_disk=memory.disk_bytes(out), weight_bytes_memory=memory.turbo_weight_bytes(out),
+        weight_bytes_disk=memory.disk_bytes(out), weight_bytes_memory=memory.turbo_weight_bytes(out, inputs.device),
         memory_basis="turbo, packed 4-bit linears + float16 rest", quantize_seconds=summary.seconds,
+        quantize_peak_gpu_bytes=summary.peak_memory_bytes if summary.peak_memory_kind == "gpu_allocated" else None,
         quantize_command=command(
             "lmc", "quantize", config.src, out, "--method", method, "--format", fmt,
             "--group-size", config.group_size, "--calib-data", config.calib_data,
@@ -371,9 +431,10 @@ def _bnb_model_cell(config: ReportConfig, inputs: _Inputs, method: str) -> Model
     return ModelCell(
         method=method, model_dir=str(out), engine="transformers",
         weight_bytes_disk=memory.disk_bytes(out), weight_bytes_memory=summary.memory_bytes,
-        memory_basis="transformers get_memory_footprint(), float16 compute", quantize_seconds=summary.seconds,
+        memory_basis="transformers, parameters + buffers + bitsandbytes quantization state, float16 compute",
+        quantize_seconds=summary.seconds, quantize_peak_gpu_bytes=summary.peak_gpu_bytes,
         quantize_command=command(
-            "lmc", "report", config.src, "--methods", method, "--kv", "fp16", "--eval-data", config.eval_data,
+            "lmc", "report", config.src, "--methods", method, "--kv", "fp16", NO_ACCURACY,
             "--device", inputs.device, "--out", config.out,
         ),
         seeds={}, environment=environment(inputs.device) | {"bnb_config": summary.config},
@@ -381,6 +442,8 @@ def _bnb_model_cell(config: ReportConfig, inputs: _Inputs, method: str) -> Model
 
 
 def _eval_settings(config: ReportConfig, inputs: _Inputs, model_fp: str, kv: str) -> dict:
+    if inputs.accuracy_na is not None:
+        return {"model": model_fp, "kv_cache_dtype": kv, "accuracy_na": inputs.accuracy_na}
     return {
         "model": model_fp, "kv_cache_dtype": kv, "eval_data": config.eval_data,
         "eval_text_sha256": text_sha256(inputs.eval_text), "eval_tokens": config.eval_tokens,
@@ -396,20 +459,37 @@ def _eval_cell(config: ReportConfig, inputs: _Inputs, store: CellStore, model: M
     saved = store.load(key, cell_fp, EvalCell)
     if saved is not None:
         return saved
+    if inputs.accuracy_na is not None:
+        cell = _memory_eval_cell(model, kv, inputs)
+    else:
+        cell = _scored_eval_cell(config, inputs, model, kv)
+    store.save(key, cell_fp, cell)
+    _release_memory(inputs.device)
+    return cell
+
+
+def _memory_eval_cell(model: ModelCell, kv: str, inputs: _Inputs) -> EvalCell:
+    """A cell whose accuracy is not applicable: its KV bytes per token alone, no engine opened."""
+    return EvalCell(
+        method=model.method, kv_cache_dtype=kv, engine=model.engine,
+        kv_bytes_per_token=memory.kv_bytes_per_token(model.model_dir, kv), perplexity=None, tasks=[], seconds=0.0,
+        commands=[], environment=environment(inputs.device),
+    )
+
+
+def _scored_eval_cell(config: ReportConfig, inputs: _Inputs, model: ModelCell, kv: str) -> EvalCell:
     start = time.perf_counter()
     engine = open_engine(model.model_dir, kv, inputs.device, config.max_length)
     ppl = measure_perplexity(engine, model.model_dir, inputs.eval_text, config.eval_tokens, config.max_length,
                              config.stride)
     tasks = [asdict(measure_task(engine, model.model_dir, task, config.task_limit)) | {"sha256": task.sha256}
              for task in inputs.tasks]
-    cell = EvalCell(
+    return EvalCell(
         method=model.method, kv_cache_dtype=kv, engine=engine.name,
         kv_bytes_per_token=memory.kv_bytes_per_token(model.model_dir, kv),
         perplexity=asdict(ppl), tasks=tasks, seconds=time.perf_counter() - start,
         commands=_eval_commands(config, inputs, model, kv), environment=environment(inputs.device),
     )
-    store.save(key, cell_fp, cell)
-    return cell
 
 
 def _eval_commands(config: ReportConfig, inputs: _Inputs, model: ModelCell, kv: str) -> list[str]:

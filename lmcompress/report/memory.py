@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from lmcompress.checkpoint import Checkpoint
 from lmcompress.errors import LmcError
 
@@ -68,9 +70,14 @@ def disk_bytes(model_dir: str | Path) -> int:
     return Checkpoint(model_dir).total_bytes()
 
 
-def turbo_weight_bytes(model_dir: str | Path) -> int:
-    """Bytes of the weights as turbo holds them when serving in float16 (4-bit linears stay packed)."""
+def turbo_weight_bytes(model_dir: str | Path, device: torch.device) -> int:
+    """Bytes of the weights as turbo holds them on `device` when serving in float16 (4-bit linears stay packed).
+
+    Loaded on the report's device, so on CUDA the count is of the layout the GPU serves
+    from and the packing of 4-bit codes runs there rather than on the host's cores; no
+    CUDA graphs are captured, only the weights are wanted.
+    """
     from lmcompress.turbo.model_runner import ModelRunner, RunnerOptions
 
-    runner = ModelRunner(model_dir, RunnerOptions(device="cpu", dtype="float16", num_blocks=1))
-    return runner.weight_bytes()
+    options = RunnerOptions(device=str(device), dtype="float16", num_blocks=1, cuda_graphs=False)
+    return ModelRunner(model_dir, options).weight_bytes()

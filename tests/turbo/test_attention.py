@@ -1,10 +1,11 @@
-"""Reference paged attention against dense causal attention written out with an explicit softmax."""
+"""Reference paged attention against dense causal attention written out with an explicit softmax; CUDA dispatch."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from lmcompress.turbo.attention import context_slots, paged_attention
+from lmcompress.turbo.attention import context_slots, paged_attention, paged_attention_reference
 from lmcompress.turbo.forward_batch import ForwardBatch, SeqInput
 from lmcompress.turbo.kv_cache import KVCache, KVCacheSpec
 
@@ -56,3 +57,34 @@ def test_paged_attention_matches_dense_for_prefill_chunk_and_decode():
         rows = slice(starts[seq], starts[seq + 1])
         expected = dense_attention(query[rows], k, v, first_position=ctx - new)
         torch.testing.assert_close(out[rows], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel dispatch needs CUDA (run on the lent GPU)")
+@pytest.mark.parametrize("kv_dtype", ["float16", "int4"])
+def test_cuda_dispatches_decode_steps_and_chunks_to_the_kernels(monkeypatch, kv_dtype):
+    import lmcompress.turbo.kernels.paged_attention as kernels
+
+    calls = []
+    for name in ("paged_decode_attention", "paged_prefill_attention"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *args, real=real, name=name: calls.append(name) or real(*args))
+    gen = torch.Generator().manual_seed(1)
+    heads, kv_heads, dim, block = 8, 2, 64, 16
+    spec = KVCacheSpec(num_layers=1, num_kv_heads=kv_heads, head_dim=dim, block_size=block, dtype=kv_dtype)
+    layer = KVCache(spec, 16, "cuda").layers[0]
+    tables = [[3, 9, 4], [0, 12]]
+    for table in tables:  # random K/V at every position the batches below attend to
+        slots = context_slots(torch.tensor(table), block * len(table), block).cuda()
+        keys, values = (torch.randn(len(slots), kv_heads, dim, generator=gen).to("cuda", torch.float16) for _ in "kv")
+        layer.write(slots, keys, values)
+    for seqs, kernel in (([SeqInput([0] * 20, 15, tables[0]), SeqInput([0], 20, tables[1])], "paged_prefill_attention"),
+                         ([SeqInput([0], 40, tables[0]), SeqInput([0], 21, tables[1])], "paged_decode_attention")):
+        batch = ForwardBatch.build(seqs, block, "cuda")
+        shape = (batch.num_tokens, kv_heads, dim)
+        keys, values = (torch.randn(shape, generator=gen).to("cuda", torch.float16) for _ in range(2))
+        layer.write(batch.slot_mapping, keys, values)
+        query = torch.randn(batch.num_tokens, heads, dim, generator=gen).to("cuda", torch.float16)
+        got = paged_attention(query, layer, batch, dim**-0.5)
+        assert calls[-1] == kernel
+        torch.testing.assert_close(got, paged_attention_reference(query, layer, batch, dim**-0.5), atol=4e-3, rtol=4e-3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from lmcompress.errors import LmcError
 from lmcompress.turbo.forward_batch import ForwardBatch, SeqInput
@@ -27,6 +28,16 @@ def test_build_packs_prefill_chunk_and_decode():
     assert batch.context_lens == (3, 5, 9)
     assert batch.query_start_loc == (0, 3, 5, 6)
     assert (batch.num_seqs, batch.num_tokens) == (3, 6)
+    # The same counts on the device, int32, for the attention kernels.
+    assert batch.seq_lens.dtype == batch.query_start.dtype == torch.int32
+    assert batch.seq_lens.tolist() == [3, 5, 9] and batch.query_start.tolist() == [0, 3, 5, 6]
+    assert batch.max_query_len == 3
+
+
+def test_a_decode_step_has_max_query_len_one():
+    batch = ForwardBatch.build([SeqInput([4], 6, [0, 1]), SeqInput([5], 0, [2])], block_size=4)
+    assert batch.max_query_len == 1
+    assert batch.seq_lens.tolist() == [7, 1] and batch.query_start.tolist() == [0, 1, 2]
 
 
 @pytest.mark.parametrize(

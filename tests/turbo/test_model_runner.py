@@ -207,14 +207,14 @@ def test_quantized_checkpoint_matches_dequantized_transformers_model(tmp_path, f
     path = write_quantized(randomized(FAMILIES[arch]()), fmt, cfg, tmp_path / fmt)
     reference = load_dequantized_model(path)
     packed = runner_for(path)
-    assert isinstance(packed.model.layers[0].mlp.up_proj, QuantLinear)
+    assert isinstance(packed.model.layers[0].mlp.gate_up_proj, QuantLinear)
     rng, pool = random.Random(5), BlockPool(5)
     prompts = [random_tokens(rng, n) for n in (7, 12)]
     for prompt, got in zip(prompts, prefill_all(packed, prompts, [pool.table(len(p)) for p in prompts])):
         torch.testing.assert_close(got, hf_logits(reference, prompt), atol=1e-4, rtol=1e-4)
 
     dequantized = runner_for(path, dequantize_weights=True)
-    assert isinstance(dequantized.model.layers[0].mlp.up_proj, FloatLinear)
+    assert isinstance(dequantized.model.layers[0].mlp.gate_up_proj, FloatLinear)
     # Decoder linears hold 4 bits per weight (+ fp16 scale and uint8 zero per 32) instead of 32.
     linear_weights = sum(m.qweight.numel() * 8 for m in packed.model.modules() if isinstance(m, QuantLinear))
     saved = dequantized.weight_bytes() - packed.weight_bytes()

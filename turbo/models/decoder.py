@@ -6,6 +6,8 @@ Per layer (pre-norm residual blocks, as in Llama):
     n = post_attention_layernorm(h)
     h = h + down_proj(silu(gate_proj(n)) * up_proj(n))
 Optional pieces (q/k/v and o biases, per-head q/k RMSNorm) are switched on by ModelConfig.
+Linears that read the same input run as one: q/k/v as qkv_proj, gate/up as gate_up_proj
+(one GEMM, one launch and one read of the activations instead of three or two).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from torch import nn
 from lmcompress.turbo.attention import paged_attention
 from lmcompress.turbo.forward_batch import ForwardBatch
 from lmcompress.turbo.kv_cache import KVCache, LayerKVCache
+from lmcompress.quant.qtensor import QTensor, concat_out_features
+from lmcompress.turbo import kernels
 from lmcompress.turbo.models.linear import make_linear
 from lmcompress.turbo.models.model_config import ModelConfig
 from lmcompress.turbo.models.rope import RotaryEmbedding, apply_rotary
@@ -24,14 +28,38 @@ from lmcompress.turbo.models.weights import WeightSource
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm, optionally fused with the residual add before it (one Triton kernel on CUDA)."""
+
     def __init__(self, weight: torch.Tensor, eps: float):
         super().__init__()
         self.register_buffer("weight", weight)  # [dim]
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x [..., dim] -> norm(x); with residual: (norm(x + residual), x + residual)."""
+        if kernels.available(x.device):
+            from lmcompress.turbo.kernels.fused import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            summed = x + residual
+            return self._norm(summed), summed
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32, scale in the model dtype (transformers' order of operations).
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2 * intermediate] (gate, then up) -> silu(gate) * up [T, intermediate]."""
+    if kernels.available(gate_up.device):
+        from lmcompress.turbo.kernels.fused import silu_and_mul as fused_silu_and_mul
+
+        return fused_silu_and_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class _Loader:
@@ -44,12 +72,26 @@ class _Loader:
         self.dequantize = dequantize
 
     def linear(self, prefix: str, out_features: int, in_features: int, bias: bool) -> nn.Module:
-        weight = self.weights.linear(prefix, out_features, in_features)
-        bias_tensor = self.weights.tensor(f"{prefix}.bias", (out_features,)) if bias else None
-        return make_linear(weight, bias_tensor, self.dtype, self.dequantize)
+        return self.stacked_linear([prefix], [out_features], in_features, bias)
+
+    def stacked_linear(self, prefixes: list[str], out_features: list[int], in_features: int, bias: bool) -> nn.Module:
+        """One linear computing the named linears' outputs side by side: [T, in] -> [T, sum(out_features)]."""
+        weights = [self.weights.linear(p, out, in_features) for p, out in zip(prefixes, out_features)]
+        biases = [self.weights.tensor(f"{p}.bias", (out,)) for p, out in zip(prefixes, out_features)] if bias else None
+        return make_linear(_stack(weights), None if biases is None else torch.cat(biases), self.dtype, self.dequantize)
 
     def norm(self, name: str, dim: int) -> RMSNorm:
         return RMSNorm(self.weights.norm(f"{name}.weight", dim).to(self.dtype), self.config.rms_norm_eps)
+
+
+def _stack(weights: list[QTensor | torch.Tensor]) -> QTensor | torch.Tensor:
+    """Concatenate along out_features: float weights, or QTensors sharing their grouping."""
+    if len(weights) == 1:
+        return weights[0]
+    if all(isinstance(w, QTensor) for w in weights):
+        return concat_out_features(weights)
+    # A mix (a checkpoint that left some of them unquantized) runs in float.
+    return torch.cat([w.dequantize(torch.float32) if isinstance(w, QTensor) else w.float() for w in weights])
 
 
 class Attention(nn.Module):
@@ -59,9 +101,8 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.scale = c.head_dim**-0.5
         q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        self.q_proj = load.linear(f"{prefix}q_proj", q_width, c.hidden_size, c.qkv_bias)
-        self.k_proj = load.linear(f"{prefix}k_proj", kv_width, c.hidden_size, c.qkv_bias)
-        self.v_proj = load.linear(f"{prefix}v_proj", kv_width, c.hidden_size, c.qkv_bias)
+        self.widths = [q_width, kv_width, kv_width]
+        self.qkv_proj = load.stacked_linear([f"{prefix}{n}_proj" for n in "qkv"], self.widths, c.hidden_size, c.qkv_bias)
         self.o_proj = load.linear(f"{prefix}o_proj", c.hidden_size, q_width, c.o_bias)
         self.q_norm = load.norm(f"{prefix}q_norm", c.head_dim) if c.qk_norm else None
         self.k_norm = load.norm(f"{prefix}k_norm", c.head_dim) if c.qk_norm else None
@@ -70,9 +111,10 @@ class Attention(nn.Module):
                 batch: ForwardBatch) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]; writes the new tokens' K/V to the cache first."""
         num_tokens = x.shape[0]
-        query = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
-        key = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        value = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        query, key, value = self.qkv_proj(x).split(self.widths, dim=-1)
+        query = query.reshape(num_tokens, self.num_heads, self.head_dim)
+        key = key.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        value = value.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             query, key = self.q_norm(query), self.k_norm(key)
         query, key = apply_rotary(query, *rope), apply_rotary(key, *rope)
@@ -85,12 +127,12 @@ class GatedMLP(nn.Module):
     def __init__(self, load: _Loader, prefix: str):
         super().__init__()
         c = load.config
-        self.gate_proj = load.linear(f"{prefix}gate_proj", c.intermediate_size, c.hidden_size, c.mlp_bias)
-        self.up_proj = load.linear(f"{prefix}up_proj", c.intermediate_size, c.hidden_size, c.mlp_bias)
+        self.gate_up_proj = load.stacked_linear([f"{prefix}gate_proj", f"{prefix}up_proj"],
+                                                [c.intermediate_size] * 2, c.hidden_size, c.mlp_bias)
         self.down_proj = load.linear(f"{prefix}down_proj", c.hidden_size, c.intermediate_size, c.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -103,10 +145,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = load.norm(f"{prefix}post_attention_layernorm", hidden)
         self.mlp = GatedMLP(load, f"{prefix}mlp.")
 
-    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: LayerKVCache,
-                batch: ForwardBatch) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope, cache, batch)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: LayerKVCache, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, residual) [T, hidden] each -> the next layer's (h, residual); their sum is the hidden state.
+
+        Carrying the residual separately lets each norm fuse the add before it.
+        """
+        if residual is None:
+            normed, residual = self.input_layernorm(h), h
+        else:
+            normed, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(normed, rope, cache, batch)
+        normed, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(normed), residual
 
 
 class Decoder(nn.Module):
@@ -135,7 +186,10 @@ class Decoder(nn.Module):
         """Logits [len(batch.logits_indices), vocab] float32; writes every new token's K/V to the cache."""
         h = F.embedding(batch.input_ids, self.embed_tokens)  # [T, hidden]
         rope = self.rotary(batch.positions)
+        residual = None
         for layer, layer_cache in zip(self.layers, cache.layers):
-            h = layer(h, rope, layer_cache, batch)
+            h, residual = layer(h, residual, rope, layer_cache, batch)
         # Norm and LM head only for the rows whose logits are wanted.
-        return self.lm_head(self.norm(h[batch.logits_indices])).float()
+        rows = batch.logits_indices
+        normed, _ = self.norm(h[rows], residual[rows])
+        return self.lm_head(normed).float()

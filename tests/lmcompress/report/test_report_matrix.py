@@ -163,7 +163,8 @@ def test_method_and_kv_lists_are_checked_and_deduplicated():
 def test_cells_are_reused_only_under_the_same_fingerprint_and_fields(tmp_path):
     store = CellStore(tmp_path / "cells")
     cell = ModelCell(method="rtn", model_dir="/m", engine="turbo", weight_bytes_disk=1, weight_bytes_memory=2,
-                     memory_basis="b", quantize_seconds=1.5, quantize_command="lmc quantize", seeds={},
+                     memory_basis="b", quantize_seconds=1.5, quantize_peak_gpu_bytes=None,
+                     quantize_command="lmc quantize", seeds={},
                      environment={})
     store.save("model-rtn", "fp-1", cell)
     assert store.load("model-rtn", "fp-1", ModelCell) == cell
@@ -173,11 +174,19 @@ def test_cells_are_reused_only_under_the_same_fingerprint_and_fields(tmp_path):
     assert store.load("eval-z", "fp-1", EvalCell) is None
 
 
-def test_bench_results_take_numbers_or_lmc_bench_serve_result_files(tmp_path):
+def test_bench_results_take_numbers_or_lmc_bench_serve_and_throughput_result_files(tmp_path):
     (tmp_path / "bench-awq.json").write_text(json.dumps({"config": {}, "output_throughput": 812.5, "requests": []}))
+    (tmp_path / "throughput-rtn.json").write_text(json.dumps({  # lmc bench throughput --json
+        "bench": "throughput", "memory": {"weight_bytes": 1},
+        "throughput": {"output_tok_s": 95.25, "total_tok_s": 190.5},
+    }))
     results = tmp_path / "bench.json"
-    results.write_text(json.dumps({"fp16/fp16": 301, "awq/int8": "bench-awq.json"}))
-    assert load_bench_results(results) == {"fp16/fp16": 301.0, "awq/int8": 812.5}
+    results.write_text(json.dumps({"fp16/fp16": 301, "awq/int8": "bench-awq.json", "rtn/int4": "throughput-rtn.json"}))
+    assert load_bench_results(results) == {"fp16/fp16": 301.0, "awq/int8": 812.5, "rtn/int4": 95.25}
+    (tmp_path / "other.json").write_text(json.dumps({"tokens_per_second": 5.0}))
+    results.write_text(json.dumps({"awq/int8": "other.json"}))
+    with pytest.raises(LmcError, match="awq/int8 must be positive tokens/s or the path of an lmc bench serve"):
+        load_bench_results(results)
     results.write_text(json.dumps({"awq/int8": -1}))
     with pytest.raises(LmcError, match="awq/int8 must be positive tokens/s"):
         load_bench_results(results)

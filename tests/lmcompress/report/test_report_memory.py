@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from lmcompress.errors import LmcError
@@ -11,13 +12,14 @@ from lmcompress.report.memory import (
 )
 
 MIB = 1024**2
+CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("kv, per_head", [
     ("float16", 64 * 2),          # head_dim fp16 values
     ("float32", 64 * 4),
-    ("int8", 64 + 8),             # codes + float32 scale and zero per (token, head)
-    ("int4", 32 + 8),             # packed nibbles + scale and zero
+    ("int8", 64 + 4),             # codes + float16 scale and zero per (token, head)
+    ("int4", 32 + 4),             # packed nibbles + scale and zero
 ])
 def test_kv_bytes_per_token_of_the_reference_model(reference_paths, kv, per_head):
     model_dir, _, _ = reference_paths  # 8 layers, 2 KV heads of 64
@@ -31,9 +33,9 @@ def test_llama2_7b_fp16_on_a_24_gib_card_fits_four_4096_token_sequences():
     assert budget.kv_bytes_per_sequence(kv_per_token) == 2 * GIB
     # (24 GiB - 12.55 GiB - 2 GiB) / 2 GiB = 4.7
     assert budget.sequences_that_fit(weights, kv_per_token) == 4
-    # 4-bit weights (~3.9 GB) and an int4 cache (2 * 32 * 32 * (64 + 8) bytes per token):
-    # (24 GiB - 3.63 GiB - 2 GiB) / 0.5625 GiB = 32.65
-    assert budget.sequences_that_fit(3_900_000_000, 2 * 32 * 32 * 72) == 32
+    # 4-bit weights (~3.9 GB) and an int4 cache (2 * 32 * 32 * (64 + 4) bytes per token: codes, fp16 scale, zero):
+    # (24 GiB - 3.63 GiB - 2 GiB) / 0.53125 GiB = 34.57
+    assert budget.sequences_that_fit(3_900_000_000, 2 * 32 * 32 * 68) == 34
 
 
 def test_sequences_are_counted_in_whole_blocks_and_never_below_zero():
@@ -71,7 +73,7 @@ def test_turbo_holds_float_weights_at_two_bytes_and_4_bit_linears_packed(tmp_pat
     numels = _tensor_numels(source)
     # The checkpoint's tensors in fp16, plus the float32 RoPE frequency table (head_dim / 2 values).
     rope = 64 // 2 * 4
-    assert turbo_weight_bytes(source) == 2 * sum(numels.values()) + rope
+    assert turbo_weight_bytes(source, CPU) == 2 * sum(numels.values()) + rope
     assert disk_bytes(source) > 2 * sum(numels.values())  # plus the safetensors headers
 
     quantized = tmp_path / "rtn"
@@ -82,4 +84,4 @@ def test_turbo_holds_float_weights_at_two_bytes_and_4_bit_linears_packed(tmp_pat
     rest = sum(numels.values()) - sum(linears.values())
     # Per weight: half a byte of code; per group of 128: an fp16 scale and a uint8 zero code.
     packed = sum(numel // 2 + numel // 128 * 3 for numel in linears.values())
-    assert turbo_weight_bytes(quantized) == 2 * rest + packed + rope
+    assert turbo_weight_bytes(quantized, CPU) == 2 * rest + packed + rope

@@ -12,27 +12,31 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lmcompress.report.matrix import EvalCell, MatrixResult, ModelCell, ReportConfig, Skipped
+from lmcompress.report.matrix import RANDOM_WEIGHTS, EvalCell, MatrixResult, ModelCell, ReportConfig, Skipped
 from lmcompress.report.memory import GpuBudget
-from lmcompress.report.render import NOT_MEASURED, Row, build_report, pareto_frontier, write_report
+from lmcompress.report.render import NOT_MEASURED, Row, build_report, pareto_frontier, render_markdown, write_report
 
 MIB = 1024**2
 KV_PER_TOKEN = {"float16": 4096, "int4": 1280}
 
 
-def _model(method: str, weight_bytes: int, seconds: float | None) -> ModelCell:
+def _model(method: str, weight_bytes: int, seconds: float | None, peak_gpu_bytes: int | None = None) -> ModelCell:
     return ModelCell(method=method, model_dir=f"/m/{method}", engine="turbo", weight_bytes_disk=weight_bytes + 999,
                      weight_bytes_memory=weight_bytes, memory_basis="turbo", quantize_seconds=seconds,
+                     quantize_peak_gpu_bytes=peak_gpu_bytes,
                      quantize_command=None if seconds is None else f"lmc quantize SRC /m/{method} --method {method}",
                      seeds={"calibration": 42}, environment={"torch": "x"})
 
 
-def _eval(method: str, kv: str, ppl: float) -> EvalCell:
+def _eval(method: str, kv: str, ppl: float | None) -> EvalCell:
+    """A scored cell, or with ppl None one whose accuracy is not applicable (no perplexity, no tasks)."""
+    scored = ppl is not None
     return EvalCell(method=method, kv_cache_dtype=kv, engine="turbo", kv_bytes_per_token=KV_PER_TOKEN[kv],
-                    perplexity={"ppl": ppl, "nll_mean": 2.0, "num_tokens": 1000, "max_length": 256, "stride": 128},
+                    perplexity={"ppl": ppl, "nll_mean": 2.0, "num_tokens": 1000, "max_length": 256, "stride": 128}
+                    if scored else None,
                     tasks=[{"task": "heldout-choice", "acc": 0.75, "acc_norm": 0.7, "gold_loglikelihood": -30.0,
-                            "num_items": 20, "sha256": "abc"}],
-                    seconds=1.0, commands=[f"lmc eval ppl /m/{method} --kv-cache-dtype {kv}"],
+                            "num_items": 20, "sha256": "abc"}] if scored else [],
+                    seconds=1.0, commands=[f"lmc eval ppl /m/{method} --kv-cache-dtype {kv}"] if scored else [],
                     environment={"torch": "x"})
 
 
@@ -44,15 +48,28 @@ def config(tmp_path) -> ReportConfig:
                         decode_tokens_per_s={"awq/int4": 812.5})
 
 
+def _result(perplexities: dict[tuple[str, str], float | None], accuracy_na: str | None = None,
+            awq_peak_gpu_bytes: int | None = None) -> MatrixResult:
+    return MatrixResult(
+        models={"fp16": _model("fp16", 36 * MIB, None), "awq": _model("awq", 18 * MIB, 12.5, awq_peak_gpu_bytes)},
+        evals={(method, kv): _eval(method, kv, ppl) for (method, kv), ppl in perplexities.items()},
+        skipped=[Skipped("bnb-nf4", None, "bitsandbytes is not installed (pip install bitsandbytes==0.50.2)")],
+        environment={"torch": "x", "device": "cpu"}, accuracy_na=accuracy_na,
+    )
+
+
+PERPLEXITIES = {("fp16", "float16"): 14.0, ("fp16", "int4"): 14.2, ("awq", "float16"): 14.1, ("awq", "int4"): 14.35}
+
+
 @pytest.fixture
 def result() -> MatrixResult:
-    return MatrixResult(
-        models={"fp16": _model("fp16", 36 * MIB, None), "awq": _model("awq", 18 * MIB, 12.5)},
-        evals={("fp16", "float16"): _eval("fp16", "float16", 14.0), ("fp16", "int4"): _eval("fp16", "int4", 14.2),
-               ("awq", "float16"): _eval("awq", "float16", 14.1), ("awq", "int4"): _eval("awq", "int4", 14.35)},
-        skipped=[Skipped("bnb-nf4", None, "bitsandbytes is not installed (pip install bitsandbytes==0.50.2)")],
-        environment={"torch": "x", "device": "cpu"},
-    )
+    return _result(PERPLEXITIES)
+
+
+@pytest.fixture
+def random_weights_result() -> MatrixResult:
+    """The same cells from a random-weight checkpoint: memory measured, accuracy not applicable."""
+    return _result(dict.fromkeys(PERPLEXITIES), accuracy_na=RANDOM_WEIGHTS)
 
 
 def test_rows_carry_memory_capacity_and_the_change_against_fp16(config, result):
@@ -107,6 +124,52 @@ def test_the_four_files_hold_the_same_rows(config, result, tmp_path):
     assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 50  # drawn, not blank
 
 
+def _pixels_of(png: Path, rgb: tuple[int, int, int]) -> int:
+    return sum(count for count, colour in Image.open(png).convert("RGB").getcolors(maxcolors=1 << 20) if colour == rgb)
+
+
+AWQ_COLOUR = (255, 127, 14)  # matplotlib's C1: awq, the second method of the config
+
+
+def test_accuracy_cells_read_n_a_and_the_plot_shows_capacity_where_accuracy_is_not_applicable(
+        config, result, random_weights_result, tmp_path):
+    report = build_report(config, random_weights_result, "lmc report ...")
+    assert report.accuracy_na == RANDOM_WEIGHTS and report.baseline is None and report.pareto_frontier == []
+    rows = {row.cell: row for row in report.rows}
+    assert rows["awq/int4"].perplexity is None and rows["awq/int4"].sequences_that_fit == 177
+    paths = write_report(report, config, tmp_path / "random")
+
+    markdown = paths["md"].read_text()
+    assert ("| perplexity | vs fp16 | task acc / acc_norm | quantize time | decode tok/s |") in markdown
+    assert ("| awq | int4 | turbo | 18.0 MiB | 18.0 MiB | 1,280 B | 177 | n/a (random weights) "
+            "| n/a (random weights) | n/a (random weights) | 12.5 s | 812.5 |") in markdown
+    assert "no Pareto frontier" in markdown and "Pareto frontier (memory against perplexity)" not in markdown
+    saved = json.loads(paths["json"].read_text())
+    assert saved["accuracy_na"] == RANDOM_WEIGHTS and {row["perplexity"] for row in saved["rows"]} == {None}
+    page = paths["html"].read_text()
+    assert 'id="accuracy-na"' in page and page.count("<td>n/a (random weights)</td>") == 12
+
+    # Bars of capacity instead of perplexity points: awq's two rows fill far more pixels than its two markers.
+    scored = write_report(build_report(config, result, "lmc report ..."), config, tmp_path / "scored")
+    assert _pixels_of(paths["png"], AWQ_COLOUR) > 20 * _pixels_of(scored["png"], AWQ_COLOUR) > 0
+
+
+def test_a_report_with_nothing_measured_still_writes_its_files(config, tmp_path):
+    nothing = MatrixResult(models={}, evals={}, skipped=[Skipped(m, None, "r") for m in config.methods],
+                           environment={"device": "cpu"})
+    paths = write_report(build_report(config, nothing, "lmc report ..."), config, tmp_path)
+    assert "No cell was measured." in paths["md"].read_text()
+    assert len(Image.open(paths["png"]).convert("RGB").getcolors(maxcolors=1 << 20)) > 10  # the note, not blank
+
+
+def test_a_quantize_peak_gpu_memory_column_appears_where_one_was_measured(config, result):
+    assert "quantize peak GPU memory" not in render_markdown(build_report(config, result, "lmc report"), config)
+    measured = _result(PERPLEXITIES, awq_peak_gpu_bytes=3 * 1024**3)
+    markdown = render_markdown(build_report(config, measured, "lmc report"), config)
+    assert "| quantize time | quantize peak GPU memory | decode tok/s |" in markdown
+    assert "| 12.5 s | 3.0 GiB | 812.5 |" in markdown and "| - | - | not measured |" in markdown
+
+
 def _chromium() -> str | None:
     return next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 
@@ -117,11 +180,12 @@ _PROBE = """<script>addEventListener("load", () => {
 });</script>"""
 
 
-def test_report_html_renders_its_table_and_plot_in_headless_chromium(config, result, tmp_path):
+@pytest.mark.parametrize("cells", ["result", "random_weights_result"])
+def test_report_html_renders_its_table_and_plot_in_headless_chromium(config, cells, request, tmp_path):
     chromium = _chromium()
     if chromium is None:
         pytest.skip("no chromium binary on PATH (apt-get install -y chromium)")
-    paths = write_report(build_report(config, result, "lmc report ..."), config, tmp_path)
+    paths = write_report(build_report(config, request.getfixturevalue(cells), "lmc report ..."), config, tmp_path)
     flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
 
     probe = tmp_path / "probe.html"
@@ -131,6 +195,8 @@ def test_report_html_renders_its_table_and_plot_in_headless_chromium(config, res
     assert int(re.search(r'data-plot-width="(\d+)"', dom).group(1)) > 600
     assert re.search(r'data-table-rows="(\d+)"', dom).group(1) == "6"
     assert "awq/int4" in dom and "skipped: bitsandbytes is not installed" in dom
+    # Four measured rows, three accuracy cells each (perplexity, vs fp16, task), n/a for random weights.
+    assert dom.count("<td>n/a (random weights)</td>") == {"result": 0, "random_weights_result": 12}[cells]
 
     shot = tmp_path / "shot.png"
     subprocess.run([*flags, "--window-size=1280,1600", f"--screenshot={shot}", paths["html"].as_uri()],

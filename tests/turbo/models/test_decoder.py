@@ -40,14 +40,15 @@ def test_family_modules_follow_the_config():
     qwen3 = dummy_decoder(Qwen3Config(**TINY, tie_word_embeddings=True))
     attention = qwen3.layers[0].self_attn
     assert attention.q_norm is not None and attention.q_norm.weight.shape == (qwen3.config.head_dim,)
-    assert attention.q_proj.bias is None
+    assert attention.qkv_proj.bias is None
     # Tied head: the embedding matrix held once.
     assert qwen3.lm_head.weight.data_ptr() == qwen3.embed_tokens.data_ptr()
 
     qwen2 = dummy_decoder(Qwen2Config(**TINY, tie_word_embeddings=False))
     attention = qwen2.layers[1].self_attn
     assert attention.q_norm is None
-    assert attention.k_proj.bias.shape == (32,) and attention.o_proj.bias is None
+    # q/k/v biases stacked in one linear: 4 query heads + 2 key + 2 value heads of 16
+    assert attention.qkv_proj.bias.shape == (128,) and attention.o_proj.bias is None
     assert qwen2.lm_head.weight.data_ptr() != qwen2.embed_tokens.data_ptr()
 
 

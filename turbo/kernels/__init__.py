@@ -1,0 +1,23 @@
+"""Triton kernels for turbo's CUDA path; each has a plain PyTorch reference elsewhere in turbo.
+
+The kernels need a CUDA device and the triton package; `available(device)`
+says whether a tensor on `device` can take the kernel path.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def available(device: torch.device | str) -> bool:
+    """True when turbo should run its Triton kernels for tensors on `device` (called per layer: cheap)."""
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return device_type == "cuda" and _triton_installed()

@@ -1,0 +1,451 @@
+"""W4A16 linear: y = x @ dequant(W).T + b with 4-bit group-quantized W dequantized in registers.
+
+PackedW4 is W repacked once at load from lmc's QTensor into the layout the kernel reads.  Input channels
+come in blocks of 128; block b is 16 int32 rows of qweight, and nibble j (bits 4j..4j+3) of row 16b + r
+is channel 128b + 16j + r.  "Code plane" j of a block (nibble j of its 16 rows) is thus 16 consecutive
+channels, which meet a contiguous 16-column slice of x (one K step of tl.dot, one vector load in the
+GEMV) and lie in one quantization group for group sizes 32, 64 and 128 (one scale and zero per plane).
+
+    qweight [K'/8, N] int32   K' = K rounded up to 128; threads read consecutive output columns, so
+                              every load is coalesced along N whatever M is
+    scales  [K'/g, N]         the QTensor's scales, dtype unchanged (fp16 from checkpoints, fp32 from lmc's
+                              quantizers); the kernels compute in float32
+    zeros   [K'/g, N] uint8   zero-point codes
+    perm    [K] long | None   act-order (GPTQ g_idx not sorted): packed channel p is channel perm[p] of x.
+                              Packing sorts the channels by group, so the kernel only sees contiguous
+                              groups; w4a16_matmul gathers x's columns to match (one extra small kernel).
+Channels K..K'-1 (only when 128 does not divide K) have scale 0, and x is zero-padded to K'.
+
+One kernel, two inner loops, picked per M bucket (M_BUCKETS):
+  * GEMV (block_m == 1, used for M == 1), CUDA cores.  A nibble masked where it sits, read as a float32, is the
+    denormal q * 2**(4p - 149) (p = its position 0..3 in the low half-word; codes 4..7 come from
+    packed >> 16), so one LOP and one FMA with x * 2**(75 - 4p) add x * q * 2**-74 per weight: no
+    shifts, no int-to-float conversions (quarter-rate or slower on sm_90).  A plane's zero and scale
+    apply once to its sum: s * (sum x q - z * sum x).
+  * Tiles (block_m >= 16), tensor cores.  Each K step dequantizes a whole [block_k (64 or 128), BN] weight
+    tile, gathered from the block's 16 packed rows (channel c is nibble c // 16 of row c % 16), exactly as
+    the reference does ((q - z) * s in float32, rounded once to x's dtype), for one tl.dot with K = block_k.
+Both split K over programs when the output tiles alone would leave SMs idle: each split stores its float32
+partial tile to a per-device workspace [splits, M, N] and a second small kernel sums the splits in a fixed
+order, adds the bias and casts: deterministic, no atomics, and both launches are CUDA-graph safe.
+From DEQUANT_GEMM_MIN_M rows on (outside graph capture, without an explicit config) a memory-bound kernel
+dequantizes W into a reused per-device scratch buffer and cuBLAS does the GEMM.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from lmcompress.errors import LmcError
+from lmcompress.formats.packing import CODES_PER_INT32, is_identity_groups, pack_nibbles, unpack_nibbles
+from lmcompress.quant.qtensor import SUPPORTED_GROUP_SIZES, QTensor
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+PLANE_CHANNELS = 16  # input channels of one code plane
+BLOCK_CHANNELS = 8 * PLANE_CHANNELS  # input channels of one packed block (16 int32 rows)
+
+
+@dataclass
+class PackedW4:
+    """A 4-bit group-quantized [N, K] weight in the W4A16 kernel's layout (see the module docstring)."""
+
+    qweight: torch.Tensor  # [K'/8, N] int32, K' = K rounded up to 128
+    scales: torch.Tensor  # [K'/g, N] float
+    zeros: torch.Tensor  # [K'/g, N] uint8
+    perm: torch.Tensor | None  # [K] long: packed channel p is input channel perm[p]; None: identity
+    in_features: int
+    group_size: int
+    dtype: torch.dtype  # compute dtype: what dequantize() returns by default
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[1]
+
+    @property
+    def padded_in_features(self) -> int:
+        return self.qweight.shape[0] * CODES_PER_INT32
+
+    @classmethod
+    def from_qtensor(cls, qt: QTensor, dtype: torch.dtype) -> PackedW4:
+        out_features, in_features = qt.shape
+        if qt.bits != 4 or qt.group_size not in SUPPORTED_GROUP_SIZES or in_features % qt.group_size:
+            raise LmcError(
+                f"the W4A16 kernel takes 4-bit weights with group size 32, 64 or 128 dividing in_features, got "
+                f"{qt.bits} bits, group size {qt.group_size} and [{out_features}, {in_features}]; "
+                "quantize with --bits 4 and one of those group sizes"
+            )
+        codes, perm = qt.q, None
+        if qt.g_idx is not None and not is_identity_groups(qt.g_idx, qt.group_size):
+            perm = torch.argsort(qt.g_idx.long(), stable=True)
+            if not is_identity_groups(qt.g_idx[perm], qt.group_size):
+                raise LmcError(
+                    f"act-order weight [{out_features}, {in_features}] has groups that are not {qt.group_size} "
+                    "channels each; the W4A16 kernel needs equal groups: re-quantize it, or load the model "
+                    "with dequantized weights (dequantize_weights=True)"
+                )
+            codes = codes[:, perm]
+        pad = -in_features % BLOCK_CHANNELS
+        group_pad = pad // qt.group_size
+        codes = F.pad(codes, (0, pad))
+        blocks = codes.reshape(out_features, -1, 8, PLANE_CHANNELS)  # [N, K'/128, plane j, row r]
+        return cls(
+            qweight=pack_nibbles(blocks.transpose(2, 3).reshape(out_features, -1)).t().contiguous(),
+            scales=F.pad(qt.scales, (0, group_pad)).t().contiguous(),  # padded channels: scale 0
+            zeros=F.pad(qt.zeros, (0, group_pad)).t().contiguous(),
+            perm=perm,
+            in_features=in_features,
+            group_size=qt.group_size,
+            dtype=dtype,
+        )
+
+    @classmethod
+    def concat(cls, parts: list[PackedW4]) -> PackedW4:
+        """Stack weights that read the same input (q/k/v, gate/up) along out_features into one."""
+        first = parts[0]
+        for part in parts[1:]:
+            same_perm = (part.perm is None and first.perm is None) or (
+                part.perm is not None and first.perm is not None and torch.equal(part.perm, first.perm)
+            )
+            if (part.in_features, part.group_size, part.dtype, part.scales.dtype) != (
+                first.in_features, first.group_size, first.dtype, first.scales.dtype
+            ) or not same_perm:
+                raise LmcError(
+                    "cannot concatenate PackedW4 weights with different in_features, group size, dtypes or "
+                    "act-order permutation; run them as separate linears"
+                )
+        return replace(
+            first,
+            qweight=torch.cat([p.qweight for p in parts], dim=1),
+            scales=torch.cat([p.scales for p in parts], dim=1),
+            zeros=torch.cat([p.zeros for p in parts], dim=1),
+        )
+
+    def codes(self) -> torch.Tensor:
+        """[N, K'] uint8 codes in packed channel order (perm applied, padding included)."""
+        blocks = unpack_nibbles(self.qweight.t()).reshape(self.out_features, -1, PLANE_CHANNELS, 8)
+        return blocks.transpose(2, 3).reshape(self.out_features, -1)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """[N, K] weight in dtype (default self.dtype), equal to QTensor.dequantize(dtype) bit for bit."""
+        scales = self.scales.t().float().repeat_interleave(self.group_size, dim=1)
+        zeros = self.zeros.t().float().repeat_interleave(self.group_size, dim=1)
+        weight = ((self.codes().float() - zeros) * scales)[:, : self.in_features].to(dtype or self.dtype)
+        return weight if self.perm is None else weight[:, torch.argsort(self.perm)]
+
+    def to_qtensor(self) -> QTensor:
+        """The QTensor this was packed from (act-order comes back as codes in input order plus g_idx)."""
+        groups = self.in_features // self.group_size
+        codes = self.codes()[:, : self.in_features]
+        scales, zeros = self.scales[:groups].t().contiguous(), self.zeros[:groups].t().contiguous()
+        if self.perm is None:
+            return QTensor(codes.contiguous(), scales, zeros, 4, self.group_size)
+        unperm = torch.argsort(self.perm)
+        channel_groups = torch.arange(self.in_features, device=codes.device) // self.group_size
+        return QTensor(codes[:, unperm].contiguous(), scales, zeros, 4, self.group_size,
+                       channel_groups[unperm].to(torch.int32))
+
+
+def w4a16_reference(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear over the dequantized weight: the oracle the kernel is tested against; any device."""
+    return F.linear(x, w.dequantize(x.dtype), bias)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Launch parameters of one M bucket.  block_m == 1 selects the GEMV loop (one activation row per
+    program; block_n should be 128 * num_warps so that each thread holds whole columns), block_m >= 16
+    the tensor-core tiles, which dequantize a [block_k, block_n] weight tile (block_k 64 or 128) for each
+    tl.dot.  K is split over programs until about programs_per_sm programs per SM run."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    programs_per_sm: int
+    block_k: int = 128
+
+
+# H200 (132 SMs) starting points, one per M bucket: /work/notes/k1-perf.md (docs/perf-notes.md) gives the
+# reasoning and the predictions that the GPU run checks.  Without a config, M >= DEQUANT_GEMM_MIN_M runs
+# dequantize + cuBLAS instead (the last bucket then only serves CUDA-graph capture and explicit configs).
+M_BUCKETS: tuple[tuple[int, TileConfig], ...] = (
+    (1, TileConfig(block_m=1, block_n=512, num_warps=4, num_stages=1, programs_per_sm=2)),
+    (16, TileConfig(block_m=16, block_n=128, num_warps=4, num_stages=3, programs_per_sm=3, block_k=64)),
+    (64, TileConfig(block_m=64, block_n=128, num_warps=4, num_stages=3, programs_per_sm=2, block_k=64)),
+    (2**62, TileConfig(block_m=128, block_n=128, num_warps=8, num_stages=2, programs_per_sm=1, block_k=64)),
+)
+# From this many rows on, dequantizing W once into a scratch buffer and calling cuBLAS beats the fused
+# tiles (as vLLM does for AWQ): the dequant is memory-bound and the GEMM runs at bf16 tensor-core speed.
+DEQUANT_GEMM_MIN_M = 256
+# Split-K programs store their float32 partial tiles into a per-device workspace [splits, M, N]; a second
+# kernel sums them.  Splits are capped so that splits * M * N floats fit.
+SPLIT_WORKSPACE_FLOATS = 1 << 22
+MAX_SPLITS = 64
+REDUCE_BLOCK = 1024  # output elements per program of the split-K reduction
+DEQUANT_BLOCK_N = 256  # output columns per program of the dequantization kernel
+
+
+def _config_for(m: int) -> TileConfig:
+    return next(config for bound, config in M_BUCKETS if m <= bound)
+
+
+def w4a16_matmul(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None,
+                 config: TileConfig | None = None) -> torch.Tensor:
+    """x [..., K] fp16/bf16/fp32 (CUDA) -> [..., N] in x's dtype; config overrides the M-bucket table (and
+    forces the fused kernel at any M)."""
+    if x.dtype not in KERNEL_DTYPES or x.shape[-1] != w.in_features:
+        raise LmcError(
+            f"w4a16_matmul takes x [..., {w.in_features}] in fp16, bf16 or fp32, got {list(x.shape)} {x.dtype}; "
+            "cast the activations to the model dtype"
+        )
+    rows = x.reshape(-1, w.in_features)
+    if w.perm is not None:
+        rows = rows.index_select(1, w.perm)
+    if w.padded_in_features != w.in_features:
+        rows = F.pad(rows, (0, w.padded_in_features - w.in_features))
+    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    m = rows.shape[0]
+    if config is None and m >= DEQUANT_GEMM_MIN_M and not _capturing(x.device):
+        out = _dequantized_matmul(rows, w, bias)
+    else:
+        out = torch.empty(m, w.out_features, device=x.device, dtype=x.dtype)
+        if m:
+            _launch(rows, w, bias, out, config or _config_for(m))
+    return out.reshape(*x.shape[:-1], w.out_features)
+
+
+def _capturing(device: torch.device) -> bool:
+    # The dequant scratch buffer may be reallocated, so graph capture always takes the fused kernel.
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _launch(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None, out: torch.Tensor, config: TileConfig) -> None:
+    m, n = out.shape
+    blocks = w.padded_in_features // BLOCK_CHANNELS
+    grid_m, grid_n = triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n)
+    blocks_per_split = triton.cdiv(blocks, _split_count(config, m, n, grid_m * grid_n, blocks, x.device))
+    splits = triton.cdiv(blocks, blocks_per_split)
+    workspace = _split_workspace(x.device)
+    _w4a16_kernel[(grid_m, grid_n, splits)](
+        x, w.qweight, w.scales, w.zeros, bias if bias is not None else out, out, workspace,
+        m, n, blocks, blocks_per_split, x.stride(0), out.stride(0),
+        GROUP=w.group_size, HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, SPLIT=splits > 1, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if splits > 1:
+        _split_reduce_kernel[(triton.cdiv(m * n, REDUCE_BLOCK),)](
+            workspace, bias if bias is not None else out, out, m * n, n, splits,
+            HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, num_warps=4,
+        )
+
+
+def _split_count(config: TileConfig, m: int, n: int, tiles: int, blocks: int, device: torch.device) -> int:
+    """K splits per output tile: enough programs for programs_per_sm per SM, as many as the workspace holds,
+    each split long enough that its float32 partial (4 * BM * BN bytes stored, then read back) stays under a
+    quarter of the operand bytes it reads (per block of 128 channels: 256 * BM of x, 64 * BN of weights)."""
+    wanted = config.programs_per_sm * _sm_count(device) // tiles
+    min_blocks = max(1, 16 * config.block_m * config.block_n // (256 * config.block_m + 64 * config.block_n))
+    return max(1, min(wanted, blocks // min_blocks, SPLIT_WORKSPACE_FLOATS // (m * n), MAX_SPLITS))
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    # The Triton interpreter (TRITON_INTERPRET=1, used to test the kernel logic) runs on CPU tensors.
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+@functools.cache
+def _split_workspace(device: torch.device) -> torch.Tensor:
+    """The float32 [splits, M, N] partials of split-K launches on device (fully overwritten by each launch,
+    so never cleared; one stream at a time)."""
+    return torch.empty(SPLIT_WORKSPACE_FLOATS, dtype=torch.float32, device=device)
+
+
+_dequant_scratch: dict[torch.device, torch.Tensor] = {}
+
+
+def _dequantized_matmul(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K'] @ dequant(W) [K', N] (+ bias) by cuBLAS, through a per-device scratch buffer that grows to
+    the largest weight seen and is reused by every layer (eager calls only: it may be reallocated)."""
+    k_padded, n = w.padded_in_features, w.out_features
+    size = k_padded * n * x.element_size()
+    scratch = _dequant_scratch.get(x.device)
+    if scratch is None or scratch.numel() < size:
+        _dequant_scratch.pop(x.device, None)  # free the old buffer before allocating the bigger one
+        scratch = _dequant_scratch[x.device] = torch.empty(size, dtype=torch.uint8, device=x.device)
+    weight_t = scratch[:size].view(x.dtype).view(k_padded, n)
+    _dequant_kernel[(k_padded // BLOCK_CHANNELS, triton.cdiv(n, DEQUANT_BLOCK_N))](
+        w.qweight, w.scales, w.zeros, weight_t, n, GROUP=w.group_size, BLOCK_N=DEQUANT_BLOCK_N, num_warps=4,
+    )
+    return torch.matmul(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
+
+
+@triton.jit
+def _dequant_kernel(qweight_ptr, scales_ptr, zeros_ptr, out_ptr, N, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (b, n): channels [128b, 128b + 128) x columns [n * BN, +BN) of the weight, transposed:
+    out [K', N] = ((q - z) * s) rounded once to out's dtype, equal to PackedW4.dequantize().t()."""
+    block, pid_n = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    rows = block * 16 + tl.arange(0, 16)
+    packed = tl.load(qweight_ptr + rows[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)  # [16, BN]
+    for plane in tl.static_range(8):  # plane j: channels 128b + 16j + r of the 16 rows r, one group
+        group = block * (128 // GROUP) + (16 * plane) // GROUP
+        scale = tl.load(scales_ptr + group * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        zero = tl.load(zeros_ptr + group * N + offs_n, mask=n_mask, other=0).to(tl.float32)
+        code = ((packed >> (4 * plane)) & 0xF).to(tl.float32)
+        weight = ((code - zero[None, :]) * scale[None, :]).to(out_ptr.dtype.element_ty)
+        channels = (block * 128 + 16 * plane + tl.arange(0, 16)).to(tl.int64)
+        tl.store(out_ptr + channels[:, None] * N + offs_n[None, :], weight, mask=n_mask[None, :])
+
+
+@triton.jit
+def _plane_params(scales_ptr, zeros_ptr, block, offs_n, n_mask, N, J: tl.constexpr, GROUP: tl.constexpr):
+    """Scale (float32) and zero code (int32) [BN] of code plane J of a block: one group holds the plane."""
+    index = (block * (128 // GROUP) + (16 * J) // GROUP) * N + offs_n
+    scale = tl.load(scales_ptr + index, mask=n_mask, other=0.0).to(tl.float32)
+    zero = tl.load(zeros_ptr + index, mask=n_mask, other=0).to(tl.int32)
+    return scale, zero
+
+
+@triton.jit
+def _load_block(qweight_ptr, block, offs_n, mask, N):
+    """[16, BN] int32: the packed rows of one block."""
+    rows = block * 16 + tl.arange(0, 16)
+    return tl.load(qweight_ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0)
+
+
+@triton.jit
+def _gemv_plane(x_row, packed, high, block, J: tl.constexpr):
+    """Code plane J of a block against its 16 channels of x: ([16, BN] x * q * 2**-74, [16, 1] x).
+
+    The nibble masked where it sits reads as the float32 denormal q * 2**(4p - 149) (p = J % 4; codes
+    4..7 come from high = packed >> 16), so x * 2**(75 - 4p) times it is x * q * 2**-74, exactly rounded.
+    """
+    x = tl.load(x_row + block * 128 + 16 * J).to(tl.float32)[:, None]
+    q = ((packed if J < 4 else high) & (0xF << (4 * (J % 4)))).to(tl.float32, bitcast=True)
+    return (x * (2.0 ** (75 - 4 * (J % 4)))) * q, x
+
+
+@triton.jit
+def _gemv_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, pid_m, offs_n, n_mask, N, block_start, block_end,
+                  stride_xm, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[1, BN] float32: row pid_m of x times the dequantized W over blocks [block_start, block_end).
+
+    With BN = 128 * num_warps each thread holds whole columns of the [16, BN] blocks, so the sums over
+    rows stay in registers.  The next block's load is issued before this block's math to keep two blocks
+    of weights in flight per thread.  Exact for |x| < 2**52 (x * 2**75 must stay finite).
+    """
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm + tl.arange(0, 16)
+    packed = _load_block(qweight_ptr, block_start, offs_n, n_mask[None, :], N)
+    for block in range(block_start, block_end):
+        # The last iteration reloads its own block (a cache hit) instead of masking the prefetch.
+        upcoming = _load_block(qweight_ptr, tl.minimum(block + 1, block_end - 1), offs_n, n_mask[None, :], N)
+        high = packed >> 16
+        for group in tl.static_range(128 // GROUP):  # the planes of one group share its zero and scale
+            x_dot_q = tl.zeros([16, BLOCK_N], dtype=tl.float32)  # units of 2**-74
+            x_sum = tl.zeros([16, 1], dtype=tl.float32)
+            for plane in tl.static_range(GROUP // 16):
+                x_q, x = _gemv_plane(x_row, packed, high, block, group * (GROUP // 16) + plane)
+                x_dot_q += x_q
+                x_sum += x
+            scale, zero = _plane_params(scales_ptr, zeros_ptr, block, offs_n, n_mask, N, group * (GROUP // 16),
+                                        GROUP)
+            x_dot_w = tl.sum(x_dot_q, axis=0) * (2.0 ** 74) - zero.to(tl.float32) * tl.sum(x_sum, axis=0)
+            acc += scale * x_dot_w
+        packed = upcoming
+    return acc[None, :]
+
+
+@triton.jit
+def _tile_group_params(scales_ptr, zeros_ptr, step, channels, offs_n, n_mask, N, GROUP: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """Scales and zeros (float32) of the BLOCK_K channels of K step `step`: [1, BN] when one group holds them
+    all (GROUP >= BLOCK_K), else gathered per channel, [BK, BN] (repeated rows hit L1)."""
+    if GROUP >= BLOCK_K:
+        index = ((step * BLOCK_K) // GROUP) * N + offs_n[None, :]
+    else:
+        index = (channels // GROUP)[:, None] * N + offs_n[None, :]
+    scale = tl.load(scales_ptr + index, mask=n_mask[None, :], other=0.0).to(tl.float32)
+    zero = tl.load(zeros_ptr + index, mask=n_mask[None, :], other=0).to(tl.float32)
+    return scale, zero
+
+
+@triton.jit
+def _tile_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, offs_m, m_mask, offs_n, n_mask, N, block_start,
+                  block_end, stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """[BM, BN] float32: x[offs_m] times the dequantized W over blocks [block_start, block_end).
+
+    Each step dequantizes a whole [BK, BN] weight tile for one tl.dot with K = BK (tensor cores want K
+    >= 64).  Channel c of a block is nibble c // 16 of its packed row c % 16, so the tile is a gather of
+    the block's 16 rows (the repeated rows hit L1) shifted per channel.  (q - z) * s is computed in
+    float32 and rounded once to x's dtype, exactly as the reference.
+    """
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + k[None, :]
+    for step in range(block_start * (128 // BLOCK_K), block_end * (128 // BLOCK_K)):
+        channels = step * BLOCK_K + k  # [BK] packed input channels
+        rows = (channels // 128) * 16 + channels % 16
+        packed = tl.load(qweight_ptr + rows[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+        code = ((packed >> (4 * ((channels % 128) // 16))[:, None]) & 0xF).to(tl.float32)
+        scale, zero = _tile_group_params(scales_ptr, zeros_ptr, step, channels, offs_n, n_mask, N, GROUP, BLOCK_K)
+        x = tl.load(x_rows + step * BLOCK_K, mask=m_mask[:, None], other=0.0)  # [BM, BK]
+        acc = tl.dot(x, ((code - zero) * scale).to(x.dtype), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit(do_not_specialize=["M"])
+def _w4a16_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, workspace_ptr,
+                  M, N, NUM_BLOCKS, BLOCKS_PER_SPLIT, stride_xm, stride_om,
+                  GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Program (m, n, s) computes output tile (m, n) over K split s; grid (cdiv(M, BM), cdiv(N, BN), splits).
+    Split launches store the float32 partial to workspace [s, M, N] for _split_reduce_kernel."""
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    block_start = pid_k * BLOCKS_PER_SPLIT
+    block_end = tl.minimum(block_start + BLOCKS_PER_SPLIT, NUM_BLOCKS)
+    if BLOCK_M == 1:
+        acc = _gemv_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, pid_m, offs_n, n_mask, N, block_start,
+                            block_end, stride_xm, GROUP, BLOCK_N)
+    else:
+        acc = _tile_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, offs_m, m_mask, offs_n, n_mask, N,
+                            block_start, block_end, stride_xm, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, DOT_PRECISION)
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT:
+        partial = workspace_ptr + pid_k.to(tl.int64) * M * N + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(partial, acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _split_reduce_kernel(workspace_ptr, bias_ptr, out_ptr, MN, N, SPLITS, HAS_BIAS: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """out (contiguous [M, N], flat index i < MN) = sum over s of workspace[s * MN + i] (+ bias[i % N]), in
+    a fixed order: deterministic."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    partial = workspace_ptr + offs
+    for _ in range(SPLITS):
+        acc += tl.load(partial, mask=mask, other=0.0)
+        partial += MN
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
