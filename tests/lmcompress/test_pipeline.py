@@ -73,8 +73,7 @@ def test_kv_tables_of_the_first_layer_match_the_keys_transformers_caches(tmp_pat
     torch.testing.assert_close(torch.tensor(table["ranges"]["k_max"][0]), keys.amax(dim=(0, 2)), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.tensor(table["ranges"]["v_min"][0]), values.amin(dim=(0, 2)), rtol=1e-4, atol=1e-5)
     int4 = torch.tensor(table["int4"]["k_scale"])
-    head_dim = SMALL["hidden_size"] // SMALL["num_attention_heads"]
-    assert int4.shape == (SMALL["num_hidden_layers"], SMALL["num_key_value_heads"], head_dim)
+    assert int4.shape == (SMALL["num_hidden_layers"], SMALL["num_key_value_heads"], keys.shape[-1])
     int8 = torch.tensor(table["int8"]["k_scale"])  # per head: every channel of a head shares one step
     assert torch.equal(int8, int8[..., :1].expand_as(int8)) and not torch.equal(int4, int4[..., :1].expand_as(int4))
 
