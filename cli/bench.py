@@ -136,10 +136,12 @@ def _lengths(command):
 @click.option("--warmup-prompts", type=int, default=None,
               help="Requests of the warmup run (other prompts, up to 16 tokens out); 0 skips it. "
                    "[default: min(num-prompts, 2 x concurrency)]")
+@click.option("--profile", is_flag=True,
+              help="Profile the timed run (torch.profiler) and add device time per kernel to the table and JSON.")
 @json_option
 @engine_options
 def bench_throughput(config: EngineConfig, dummy, quant, num_prompts, input_len, output_len, concurrency,
-                     warmup_prompts, json_path) -> None:
+                     warmup_prompts, profile, json_path) -> None:
     """Offline throughput of the turbo engine on MODEL_DIR, like LMDeploy's profile_throughput: NUM_PROMPTS
     random prompts, output tok/s, TTFT/TPOT/ITL, memory, and per-step time in and outside the forward."""
     from lmcompress.turbo import bench_throughput as bench
@@ -147,9 +149,11 @@ def bench_throughput(config: EngineConfig, dummy, quant, num_prompts, input_len,
     setup = bench.ThroughputConfig(num_prompts=num_prompts, input_len=input_len, output_len=output_len,
                                    concurrency=concurrency or config.max_num_seqs, seed=config.seed or 0,
                                    warmup_prompts=warmup_prompts)
-    result = bench.run_throughput(dataclasses.replace(config, dummy_weights=dummy), setup, quant)
-    _report("throughput", torch.device(result["setup"]["device"]), result,
-            [("Turbo throughput", ["figure", "value"], bench.table_rows(result))], json_path)
+    result = bench.run_throughput(dataclasses.replace(config, dummy_weights=dummy), setup, quant, profile)
+    tables = [("Turbo throughput", ["figure", "value"], bench.table_rows(result))]
+    if profile:
+        tables.append(("Device time per kernel", ["kernel", "calls", "us / step", "share"], bench.kernel_rows(result)))
+    _report("throughput", torch.device(result["setup"]["device"]), result, tables, json_path)
 
 
 @bench_group.command("prefix")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +40,7 @@ from lmcompress.turbo.bench_serve import random_requests
 from lmcompress.turbo.config import EngineConfig
 from lmcompress.turbo.engine import LLMEngine
 from lmcompress.turbo.forward_batch import ForwardBatch
+from lmcompress.turbo.kernel_profile import kernel_table, profiled, total_device_us
 from lmcompress.turbo.model_runner import ModelRunner
 from lmcompress.turbo.sampling_params import SamplingParams
 from lmcompress.turbo.sequence import FinishReason
@@ -47,6 +48,7 @@ from lmcompress.turbo.sequence import FinishReason
 # Random 4-bit linears for --dummy runs, by the name the CLI takes.
 DUMMY_QUANT = {"none": None, "awq-w4g128": QuantConfig(bits=4, group_size=128, sym=False)}
 _ABSENT = object()
+PROFILE_ROWS = 40  # kernels kept in the result of a profiled run
 
 
 @contextmanager
@@ -265,9 +267,11 @@ def decode_weight_bytes(runner: ModelRunner) -> int:
     return runner.weight_bytes() - embed
 
 
-def run_throughput(engine_config: EngineConfig, bench: ThroughputConfig, quant: str = "none") -> dict:
+def run_throughput(engine_config: EngineConfig, bench: ThroughputConfig, quant: str = "none",
+                   profile: bool = False) -> dict:
     """Build the engine (max_num_seqs = concurrency; `quant` a DUMMY_QUANT name), warm it up, run the
-    benchmark; the figures as a dict."""
+    benchmark; the figures as a dict.  With `profile` the timed run is profiled and the result gains
+    "kernels": device time per kernel (turbo/kernel_profile.py), which slows the host side a little."""
     if quant not in DUMMY_QUANT:
         raise LmcError(f"unknown --quant {quant!r}; use one of {', '.join(DUMMY_QUANT)}")
     device = resolve_device(engine_config.device)
@@ -286,8 +290,9 @@ def run_throughput(engine_config: EngineConfig, bench: ThroughputConfig, quant: 
             warmup = bench_prompts(engine, bench.num_warmup_prompts, bench.input_len, bench.seed + 1)
             warmup_s = drive(engine, warmup, bench.warmup_output_len, bench.concurrency).elapsed_s
         preempted = engine.stats().num_preemptions
-        run = drive(engine, bench_prompts(engine, bench.num_prompts, bench.input_len, bench.seed),
-                    bench.output_len, bench.concurrency)
+        prompts = bench_prompts(engine, bench.num_prompts, bench.input_len, bench.seed)
+        with profiled(device) if profile else nullcontext() as prof:
+            run = drive(engine, prompts, bench.output_len, bench.concurrency)
         preempted = engine.stats().num_preemptions - preempted
     runner = engine.model_runner
     return {
@@ -307,7 +312,16 @@ def run_throughput(engine_config: EngineConfig, bench: ThroughputConfig, quant: 
         "requests": [{"prompt_len": r.prompt_len, "output_tokens": r.output_tokens, "ttft_ms": 1e3 * r.ttft,
                       "tpot_ms": None if r.tpot is None else 1e3 * r.tpot, "e2e_ms": 1e3 * r.e2e}
                      for r in run.requests],
+        **({"kernels": kernel_figures(prof, device, run)} if profile else {}),
     }
+
+
+def kernel_figures(prof, device: torch.device, run: RunTrace) -> dict:
+    """The profile's device time per kernel (the top PROFILE_ROWS), in total and per engine step."""
+    rows = kernel_table(prof, device)
+    steps = max(1, len(run.steps))
+    return {"device_us_total": total_device_us(rows), "wall_us_total": 1e6 * run.elapsed_s, "steps": steps,
+            "rows": [{**row.to_dict(), "us_per_step": row.total_us / steps} for row in rows[:PROFILE_ROWS]]}
 
 
 def _check_lengths(engine: LLMEngine, bench: ThroughputConfig) -> None:
@@ -425,6 +439,19 @@ def table_rows(result: dict) -> list[tuple[str, str]]:
                      f"{roof['decode_bound_ms']:.3f}, {100 * roof['of_step_wall']:.1f}%, "
                      f"{100 * roof['of_forward']:.1f}%"))
     return rows
+
+
+KERNEL_TABLE_ROWS = 15
+
+
+def kernel_rows(result: dict) -> list[tuple[str, ...]]:
+    """A profiled run's top kernels as (kernel, calls, us per step, share of device time) rows."""
+    kernels = result["kernels"]
+    rows = [(row["name"], str(row["calls"]), f"{row['us_per_step']:.1f}", f"{100 * row['share']:.1f}%")
+            for row in kernels["rows"][:KERNEL_TABLE_ROWS]]
+    busy = kernels["device_us_total"] / kernels["wall_us_total"]
+    return rows + [("all kernels (device busy share of wall time)", "",
+                    f"{kernels['device_us_total'] / kernels['steps']:.1f}", f"{100 * busy:.1f}%")]
 
 
 def _ms(value: float | None) -> str:

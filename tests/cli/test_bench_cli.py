@@ -57,6 +57,20 @@ def test_throughput_on_dummy_4bit_weights(tmp_path):
     assert record["memory"]["weight_bytes"] < 30 * 2**20
 
 
+def test_profile_adds_device_time_per_kernel(tmp_path):
+    path = tmp_path / "profiled.json"
+    outcome = _invoke(["bench", "throughput", MODEL, *ENGINE, "--num-prompts", "2", "--input-len", "8",
+                       "--output-len", "3", "--concurrency", "2", "--warmup-prompts", "0", "--profile",
+                       "--json", str(path)])
+    assert outcome.exit_code == 0, outcome.output
+    kernels = json.loads(path.read_text())["kernels"]
+    names = [row["name"] for row in kernels["rows"]]
+    assert any("mm" in name for name in names), names  # the linears' matmuls are there, on the CPU as aten ops
+    assert sum(row["share"] for row in kernels["rows"]) <= 1.0 + 1e-9
+    assert 0 < kernels["device_us_total"] <= kernels["wall_us_total"] * 2  # two threads at most
+    assert "Device time per kernel" in outcome.output and names[0] in outcome.output
+
+
 def test_quant_without_dummy_is_a_one_line_error():
     outcome = _invoke(["bench", "throughput", MODEL, "--quant", "awq-w4g128", *ENGINE, "--num-prompts", "1"])
     assert outcome.exit_code == 2

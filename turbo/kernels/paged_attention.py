@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from lmcompress.errors import LmcError
+from lmcompress.turbo.kernels import MAGIC_BITS
 from lmcompress.turbo.kernels.kv_write import supports
 from lmcompress.turbo.kv_cache import LayerKVCache, QuantKVPool
 
@@ -64,9 +65,8 @@ _MAX_PARTITIONS = 64
 # e(i) = BITS * i, for the lanes whose bits sit below the exponent (int8: 2, int4: 5); the
 # other lanes come the same way from the word shifted right once.  So a code costs one LOP3
 # (plus 1/8 or 1/4 shift per word), and (F - MAGIC) * 2**-e(i) is the exact code.  The
-# kernels get MAGIC's bits as an argument, `magic`: a LOP3 takes one immediate, so with both
-# the mask and MAGIC as constants ptxas would spend two instructions per code.
-MAGIC_BITS = 0x4B000000
+# kernels get MAGIC's bits (MAGIC_BITS) as an argument, `magic`: a LOP3 takes one immediate, so
+# with both the mask and MAGIC as constants ptxas would spend two instructions per code.
 
 
 @triton.jit

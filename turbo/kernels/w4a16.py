@@ -26,8 +26,13 @@ One kernel, two inner loops, picked per M bucket (M_BUCKETS):
     tile, gathered from the block's 16 packed rows (channel c is nibble c // 16 of row c % 16), exactly as
     the reference does ((q - z) * s in float32, rounded once to x's dtype), for one tl.dot with K = block_k.
 Both split K over programs when the output tiles alone would leave SMs idle: each split stores its float32
-partial tile to a per-device workspace [splits, M, N] and a second small kernel sums the splits in a fixed
-order, adds the bias and casts: deterministic, no atomics, and both launches are CUDA-graph safe.
+partial tile to a per-device workspace [splits, M, N], and the splits are summed in a fixed order (then the
+bias added and the cast done) in one of two ways, both deterministic and CUDA-graph safe:
+  * GEMV: the split arriving last at the tile's counter sums them and resets the counter (CUTLASS's semaphore:
+    a CTA barrier, then one release atomic, so every thread's partial is visible before the count; the last
+    split reads the partials past L1).  One launch: a second one cost about 4 us per linear (run H).
+  * Tiles: a second small kernel.  A [BM, BN] float32 partial per split is too much for one program to sum
+    at the end (single-pass made M = 64 about 1.3x slower, run I).
 From DEQUANT_GEMM_MIN_M rows on (outside graph capture, without an explicit config) a memory-bound kernel
 dequantizes W into a reused per-device scratch buffer and cuBLAS does the GEMM.
 """
@@ -45,6 +50,7 @@ import triton.language as tl
 from lmcompress.errors import LmcError
 from lmcompress.formats.packing import CODES_PER_INT32, is_identity_groups, pack_nibbles, unpack_nibbles
 from lmcompress.quant.qtensor import SUPPORTED_GROUP_SIZES, QTensor
+from lmcompress.turbo.kernels import MAGIC_BITS
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PLANE_CHANNELS = 16  # input channels of one code plane
@@ -159,7 +165,7 @@ def w4a16_reference(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = No
 @dataclass(frozen=True)
 class TileConfig:
     """Launch parameters of one M bucket.  block_m == 1 selects the GEMV loop (one activation row per
-    program; block_n should be 128 * num_warps so that each thread holds whole columns), block_m >= 16
+    program; block_n a multiple of 32 * num_warps so that each thread holds whole columns), block_m >= 16
     the tensor-core tiles, which dequantize a [block_k, block_n] weight tile (block_k 64 or 128) for each
     tl.dot.  K is split over programs until about programs_per_sm programs per SM run."""
 
@@ -171,13 +177,14 @@ class TileConfig:
     block_k: int = 128
 
 
-# H200 (132 SMs) starting points, one per M bucket: /work/notes/k1-perf.md (docs/perf-notes.md) gives the
-# reasoning and the predictions that the GPU run checks.  Without a config, M >= DEQUANT_GEMM_MIN_M runs
+# H200 (132 SMs), one per M bucket: the configs with the least summed time over the four Llama-2-7B linears in
+# tests/gpu/w4a16_sweep.py (run H, docs/perf-notes.md).  At M = 1 two columns per thread (block_n = 64 *
+# num_warps) beat four: 171 registers at four left room for only 8 warps per SM (Nsight Compute, run H).  Without a config, M >= DEQUANT_GEMM_MIN_M runs
 # dequantize + cuBLAS instead (the last bucket then only serves CUDA-graph capture and explicit configs).
 M_BUCKETS: tuple[tuple[int, TileConfig], ...] = (
-    (1, TileConfig(block_m=1, block_n=512, num_warps=4, num_stages=1, programs_per_sm=2)),
-    (16, TileConfig(block_m=16, block_n=128, num_warps=4, num_stages=3, programs_per_sm=3, block_k=64)),
-    (64, TileConfig(block_m=64, block_n=128, num_warps=4, num_stages=3, programs_per_sm=2, block_k=64)),
+    (1, TileConfig(block_m=1, block_n=128, num_warps=2, num_stages=1, programs_per_sm=8)),
+    (16, TileConfig(block_m=16, block_n=64, num_warps=4, num_stages=3, programs_per_sm=4, block_k=64)),
+    (64, TileConfig(block_m=64, block_n=128, num_warps=4, num_stages=3, programs_per_sm=4, block_k=64)),
     (2**62, TileConfig(block_m=128, block_n=128, num_warps=8, num_stages=2, programs_per_sm=1, block_k=64)),
 )
 # From this many rows on, dequantizing W once into a scratch buffer and calling cuBLAS beats the fused
@@ -187,7 +194,8 @@ DEQUANT_GEMM_MIN_M = 256
 # kernel sums them.  Splits are capped so that splits * M * N floats fit.
 SPLIT_WORKSPACE_FLOATS = 1 << 22
 MAX_SPLITS = 64
-REDUCE_BLOCK = 1024  # output elements per program of the split-K reduction
+MAX_SPLIT_TILES = 1 << 16  # arrival counters per device: output tiles of one split GEMV launch
+REDUCE_BLOCK = 1024  # output elements per program of the tiles' split-K reduction
 DEQUANT_BLOCK_N = 256  # output columns per program of the dequantization kernel
 
 
@@ -231,15 +239,15 @@ def _launch(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None, out: torch.
     grid_m, grid_n = triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n)
     blocks_per_split = triton.cdiv(blocks, _split_count(config, m, n, grid_m * grid_n, blocks, x.device))
     splits = triton.cdiv(blocks, blocks_per_split)
-    workspace = _split_workspace(x.device)
+    workspace, counters = _split_buffers(x.device)
     _w4a16_kernel[(grid_m, grid_n, splits)](
-        x, w.qweight, w.scales, w.zeros, bias if bias is not None else out, out, workspace,
-        m, n, blocks, blocks_per_split, x.stride(0), out.stride(0),
+        x, w.qweight, w.scales, w.zeros, bias if bias is not None else out, out, workspace, counters,
+        m, n, blocks, blocks_per_split, splits, x.stride(0), out.stride(0), MAGIC_BITS,
         GROUP=w.group_size, HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, SPLIT=splits > 1, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if splits > 1:
+    if splits > 1 and config.block_m > 1:
         _split_reduce_kernel[(triton.cdiv(m * n, REDUCE_BLOCK),)](
             workspace, bias if bias is not None else out, out, m * n, n, splits,
             HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, num_warps=4,
@@ -252,7 +260,8 @@ def _split_count(config: TileConfig, m: int, n: int, tiles: int, blocks: int, de
     quarter of the operand bytes it reads (per block of 128 channels: 256 * BM of x, 64 * BN of weights)."""
     wanted = config.programs_per_sm * _sm_count(device) // tiles
     min_blocks = max(1, 16 * config.block_m * config.block_n // (256 * config.block_m + 64 * config.block_n))
-    return max(1, min(wanted, blocks // min_blocks, SPLIT_WORKSPACE_FLOATS // (m * n), MAX_SPLITS))
+    fits = SPLIT_WORKSPACE_FLOATS // (m * n) if tiles <= MAX_SPLIT_TILES else 1
+    return max(1, min(wanted, blocks // min_blocks, fits, MAX_SPLITS))
 
 
 @functools.cache
@@ -262,10 +271,12 @@ def _sm_count(device: torch.device) -> int:
 
 
 @functools.cache
-def _split_workspace(device: torch.device) -> torch.Tensor:
-    """The float32 [splits, M, N] partials of split-K launches on device (fully overwritten by each launch,
-    so never cleared; one stream at a time)."""
-    return torch.empty(SPLIT_WORKSPACE_FLOATS, dtype=torch.float32, device=device)
+def _split_buffers(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K state on device, one stream at a time: the float32 [splits, M, N] partials (fully overwritten
+    by each launch, never cleared) and int32 arrival counters per output tile (zero between launches: the
+    last split of each tile resets its own)."""
+    return (torch.empty(SPLIT_WORKSPACE_FLOATS, dtype=torch.float32, device=device),
+            torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device))
 
 
 _dequant_scratch: dict[torch.device, torch.Tensor] = {}
@@ -323,14 +334,15 @@ def _load_block(qweight_ptr, block, offs_n, mask, N):
 
 
 @triton.jit
-def _gemv_plane(x_row, packed, high, block, J: tl.constexpr):
+def _gemv_plane(x_row, half, block, J: tl.constexpr):
     """Code plane J of a block against its 16 channels of x: ([16, BN] x * q * 2**-74, [16, 1] x).
 
-    The nibble masked where it sits reads as the float32 denormal q * 2**(4p - 149) (p = J % 4; codes
-    4..7 come from high = packed >> 16), so x * 2**(75 - 4p) times it is x * q * 2**-74, exactly rounded.
+    `half` holds the plane's nibble in its low 16 bits (packed for J < 4, packed >> 16 after).  The
+    nibble masked where it sits reads as the float32 denormal q * 2**(4p - 149) (p = J % 4), so
+    x * 2**(75 - 4p) times it is x * q * 2**-74, exactly rounded.
     """
     x = tl.load(x_row + block * 128 + 16 * J).to(tl.float32)[:, None]
-    q = ((packed if J < 4 else high) & (0xF << (4 * (J % 4)))).to(tl.float32, bitcast=True)
+    q = (half & (0xF << (4 * (J % 4)))).to(tl.float32, bitcast=True)
     return (x * (2.0 ** (75 - 4 * (J % 4)))) * q, x
 
 
@@ -349,12 +361,15 @@ def _gemv_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, pid_m, offs_n, n_ma
     for block in range(block_start, block_end):
         # The last iteration reloads its own block (a cache hit) instead of masking the prefetch.
         upcoming = _load_block(qweight_ptr, tl.minimum(block + 1, block_end - 1), offs_n, n_mask[None, :], N)
-        high = packed >> 16
         for group in tl.static_range(128 // GROUP):  # the planes of one group share its zero and scale
             x_dot_q = tl.zeros([16, BLOCK_N], dtype=tl.float32)  # units of 2**-74
             x_sum = tl.zeros([16, 1], dtype=tl.float32)
             for plane in tl.static_range(GROUP // 16):
-                x_q, x = _gemv_plane(x_row, packed, high, block, group * (GROUP // 16) + plane)
+                if group * (GROUP // 16) + plane == 4:
+                    # Shift in place once planes 0-3 are done: a separate high half would hold another
+                    # [16, BN] int32 in registers while two blocks are in flight.
+                    packed = packed >> 16
+                x_q, x = _gemv_plane(x_row, packed, block, group * (GROUP // 16) + plane)
                 x_dot_q += x_q
                 x_sum += x
             scale, zero = _plane_params(scales_ptr, zeros_ptr, block, offs_n, n_mask, N, group * (GROUP // 16),
@@ -381,14 +396,14 @@ def _tile_group_params(scales_ptr, zeros_ptr, step, channels, offs_n, n_mask, N,
 
 @triton.jit
 def _tile_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, offs_m, m_mask, offs_n, n_mask, N, block_start,
-                  block_end, stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  block_end, stride_xm, magic, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """[BM, BN] float32: x[offs_m] times the dequantized W over blocks [block_start, block_end).
 
     Each step dequantizes a whole [BK, BN] weight tile for one tl.dot with K = BK (tensor cores want K
     >= 64).  Channel c of a block is nibble c // 16 of its packed row c % 16, so the tile is a gather of
     the block's 16 rows (the repeated rows hit L1) shifted per channel.  (q - z) * s is computed in
-    float32 and rounded once to x's dtype, exactly as the reference.
+    float32 and rounded once to x's dtype, exactly as the reference; q - z as (2**23 + q) - (2**23 + z).
     """
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k = tl.arange(0, BLOCK_K)
@@ -397,20 +412,23 @@ def _tile_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, offs_m, m_mask, off
         channels = step * BLOCK_K + k  # [BK] packed input channels
         rows = (channels // 128) * 16 + channels % 16
         packed = tl.load(qweight_ptr + rows[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
-        code = ((packed >> (4 * ((channels % 128) // 16))[:, None]) & 0xF).to(tl.float32)
+        # 2**23 + q (MAGIC_BITS): no int-to-float conversion
+        code = (((packed >> (4 * ((channels % 128) // 16))[:, None]) & 0xF) | magic).to(tl.float32, bitcast=True)
         scale, zero = _tile_group_params(scales_ptr, zeros_ptr, step, channels, offs_n, n_mask, N, GROUP, BLOCK_K)
+        zero += 8388608.0  # 2**23 + z, so code - zero is q - z exactly
         x = tl.load(x_rows + step * BLOCK_K, mask=m_mask[:, None], other=0.0)  # [BM, BK]
         acc = tl.dot(x, ((code - zero) * scale).to(x.dtype), acc, input_precision=DOT_PRECISION)
     return acc
 
 
 @triton.jit(do_not_specialize=["M"])
-def _w4a16_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, workspace_ptr,
-                  M, N, NUM_BLOCKS, BLOCKS_PER_SPLIT, stride_xm, stride_om,
+def _w4a16_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, workspace_ptr, counters_ptr,
+                  M, N, NUM_BLOCKS, BLOCKS_PER_SPLIT, SPLITS, stride_xm, stride_om, magic,
                   GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Program (m, n, s) computes output tile (m, n) over K split s; grid (cdiv(M, BM), cdiv(N, BN), splits).
-    Split launches store the float32 partial to workspace [s, M, N] for _split_reduce_kernel."""
+    Split launches store the float32 partial to workspace [s, M, N]; for the GEMV the last split of a tile sums
+    them, for tiles _split_reduce_kernel does."""
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -422,16 +440,51 @@ def _w4a16_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, 
                             block_end, stride_xm, GROUP, BLOCK_N)
     else:
         acc = _tile_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, offs_m, m_mask, offs_n, n_mask, N,
-                            block_start, block_end, stride_xm, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, DOT_PRECISION)
+                            block_start, block_end, stride_xm, magic, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, DOT_PRECISION)
     mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT:
+    if SPLIT and BLOCK_M > 1:
         partial = workspace_ptr + pid_k.to(tl.int64) * M * N + offs_m[:, None] * N + offs_n[None, :]
         tl.store(partial, acc, mask=mask)
+    elif SPLIT:
+        acc, last = _reduce_splits(acc, workspace_ptr, counters_ptr, pid_m, pid_n, pid_k, offs_m, offs_n, mask, M, N,
+                                   SPLITS)
+        if last:
+            _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, n_mask, mask, stride_om, HAS_BIAS)
     else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, n_mask, mask, stride_om, HAS_BIAS)
+
+
+@triton.jit
+def _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, n_mask, mask, stride_om, HAS_BIAS: tl.constexpr):
+    """out[offs_m, offs_n] = acc (+ bias), cast to out's dtype."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _reduce_splits(acc, workspace_ptr, counters_ptr, pid_m, pid_n, pid_k, offs_m, offs_n, mask, M, N, SPLITS):
+    """Store this split's partial [BM, BN] and count it in at the tile's counter.  Returns (sum of all partials
+    in split order, True) to the split that arrives last, which also resets the counter; (zeros, False) to
+    the others.
+
+    The arrival is CUTLASS's semaphore: a CTA barrier orders every thread's partial store before one release
+    atomic; its acquire (the result is broadcast through a barrier) orders the last split's loads after every
+    other split's stores, and .cg loads skip this SM's L1.
+    """
+    tile_stride = M * N
+    slot = workspace_ptr + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(slot + pid_k.to(tl.int64) * tile_stride, acc, mask=mask)
+    tl.debug_barrier()
+    counter = counters_ptr + pid_m * tl.num_programs(1) + pid_n
+    last = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLITS - 1
+    total = tl.zeros_like(acc)
+    if last:
+        for split in range(SPLITS):
+            total += tl.load(slot + split * tile_stride, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+    return total, last
 
 
 @triton.jit

@@ -23,7 +23,7 @@ from lmcompress.quant.qtensor import QTensor, concat_out_features
 from lmcompress.turbo import kernels
 from lmcompress.turbo.models.linear import make_linear
 from lmcompress.turbo.models.model_config import ModelConfig
-from lmcompress.turbo.models.rope import RotaryEmbedding, apply_rotary
+from lmcompress.turbo.models.rope import RotaryEmbedding, rotate_query_key
 from lmcompress.turbo.models.weights import WeightSource
 
 
@@ -117,7 +117,7 @@ class Attention(nn.Module):
         value = value.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             query, key = self.q_norm(query), self.k_norm(key)
-        query, key = apply_rotary(query, *rope), apply_rotary(key, *rope)
+        query, key = rotate_query_key(query, key, *rope)
         cache.write(batch.slot_mapping, key, value)
         out = paged_attention(query, cache, batch, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))

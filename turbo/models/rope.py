@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lmcompress.errors import LmcError
+from lmcompress.turbo import kernels
 
 ROPE_TYPES = ("default", "linear", "llama3")
 DEFAULT_THETA = 10000.0
@@ -91,6 +92,17 @@ class RotaryEmbedding(nn.Module):
         angles = positions.float()[:, None] * self.inv_freq[None, :]
         angles = torch.cat([angles, angles], dim=-1)
         return angles.cos(), angles.sin()
+
+
+def rotate_query_key(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """apply_rotary to query [T, H, D] and key [T, Hkv, D]; on a kernel device in place, in one launch."""
+    if kernels.available(query.device):
+        from lmcompress.turbo.kernels.fused import rotary_
+
+        rotary_(query, key, cos, sin)
+        return query, key
+    return apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Fused RMSNorm (+ residual) and silu_and_mul: references against transformers and turbo's decoder on the
+"""Fused RMSNorm (+ residual), silu_and_mul and the rotary embedding: references against transformers and turbo's decoder on the
 CPU, the kernels under the Triton interpreter (a subprocess) and compiled on CUDA (skipped without a GPU)."""
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from lmcompress.turbo.models.decoder import RMSNorm
+from lmcompress.turbo.models.rope import RopeConfig, RotaryEmbedding, apply_rotary
 
 pytest.importorskip("triton")
 from lmcompress.turbo.kernels.fused import (  # noqa: E402
     rms_norm,
     rms_norm_reference,
+    rotary_,
     silu_and_mul,
     silu_and_mul_reference,
 )
@@ -62,7 +64,8 @@ def test_silu_and_mul_reference_is_llama_mlp_activation():
 
 INTERPRETED = textwrap.dedent("""
     import torch
-    from lmcompress.turbo.kernels.fused import rms_norm, rms_norm_reference, silu_and_mul, silu_and_mul_reference
+    from lmcompress.turbo.kernels.fused import rms_norm, rms_norm_reference, rotary_, silu_and_mul, silu_and_mul_reference
+    from lmcompress.turbo.models.rope import apply_rotary
     # fp16 and fp32 only: the interpreter truncates float32 -> bf16 where the GPU rounds to nearest.
     for dtype in (torch.float16, torch.float32):
         x, residual = torch.randn(3, 200).to(dtype), torch.randn(3, 200).to(dtype)
@@ -72,6 +75,17 @@ INTERPRETED = textwrap.dedent("""
             torch.testing.assert_close(got, want)
         gate_up = torch.randn(2, 3, 2 * 1100).to(dtype)  # two programs per row, the second partly masked
         torch.testing.assert_close(silu_and_mul(gate_up), silu_and_mul_reference(gate_up))
+        # rotary_ on strided slices of a fused qkv row (6 query heads, 2 KV heads of 80: masked lanes and heads)
+        qkv = torch.randn(5, 10 * 80).to(dtype)
+        angles = torch.rand(5, 40) * 6
+        cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+        query, key = qkv[:, :480].view(5, 6, 80), qkv[:, 480:640].view(5, 2, 80)
+        want = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        value = qkv[:, 640:].clone()
+        rotary_(query, key, cos, sin)
+        torch.testing.assert_close(query, want[0], rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(key, want[1], rtol=2e-3, atol=2e-3)
+        assert torch.equal(qkv[:, 640:], value)
     print("ok")
 """)
 
@@ -106,3 +120,24 @@ def test_rms_norm_kernel_matches_reference(dtype, tokens, hidden, with_residual)
 def test_silu_and_mul_kernel_matches_reference(dtype, tokens, intermediate):
     gate_up = randn(tokens, 2 * intermediate, dtype=dtype, device="cuda") * 3
     torch.testing.assert_close(silu_and_mul(gate_up), silu_and_mul_reference(gate_up), **TOLERANCE[dtype])
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens, heads, kv_heads, head_dim", [(1, 32, 32, 128), (64, 32, 8, 128), (300, 6, 2, 64),
+                                                                (3, 5, 1, 80)])
+def test_rotary_kernel_matches_apply_rotary(dtype, tokens, heads, kv_heads, head_dim):
+    qkv = randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device="cuda")
+    query = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
+    key = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    positions = torch.randint(0, 32768, (tokens,), device="cuda")
+    cos, sin = RotaryEmbedding(RopeConfig(theta=500000.0), head_dim).to("cuda")(positions)
+    want_q, want_k = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+    value = qkv[:, (heads + kv_heads) * head_dim :].clone()
+    rotary_(query, key, cos, sin)
+    # The kernel rounds once from float32; the reference rounds cos, sin and each product to the dtype first,
+    # so where the two products cancel the difference is an ulp of the products (|x| ~ 1), not of the result.
+    tolerance = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}[dtype]
+    torch.testing.assert_close(query, want_q, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(key, want_k, rtol=tolerance, atol=tolerance)
+    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim :], value)  # the value columns are not touched

@@ -123,6 +123,8 @@ INTERPRETED = textwrap.dedent("""
     # M >= 256) dequantize + matmul.  No bf16: the interpreter truncates float32 -> bf16 and its tl.dot
     # mishandles bf16 operands.
     cases = [(TileConfig(1, 32, 1, 1, 64), 2, 256, 64, torch.float16, False),
+             (TileConfig(1, 32, 1, 1, 1), 1, 384, 128, torch.float32, True),
+             (TileConfig(1, 32, 1, 1, 64), 1, 128, 32, torch.float32, False),
              (TileConfig(16, 32, 4, 1, 1, 64), 3, 96, 32, torch.float32, True),
              (TileConfig(16, 32, 4, 1, 64, 128), 3, 256, 128, torch.float16, False),
              (TileConfig(16, 32, 4, 1, 64, 64), 17, 384, 32, torch.float16, False),

@@ -1,0 +1,82 @@
+"""Paged decode attention launch settings at Llama-2-7B shapes (32 heads of 128, MHA), timed from one CUDA
+graph of many launches, as a decode step runs them; block tables as wide as the engine's (max_model_len).
+
+    python3 tests/gpu/attention_sweep.py OUT.json
+
+Per (batch, context, KV dtype): decode_launch's choice and a grid of (block_n, partitions), in us per call and
+as a share of the KV bytes at the copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from lmcompress.turbo.bench_kernels import cuda_timer, filled_kv_cache, measure_copy_gbps
+from lmcompress.turbo.kernels.paged_attention import DecodeLaunch, paged_decode_attention
+from lmcompress.turbo.kv_cache import KVCacheSpec
+
+HEADS, HEAD_DIM, BLOCK_SIZE, MAX_MODEL_LEN, CALLS = 32, 128, 16, 4096, 32
+CASES = [(1, 192), (64, 192), (64, 1024), (128, 1152)]
+
+
+def graph_us(call) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS):
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (3 * CALLS)
+
+
+def main() -> None:
+    device = torch.device("cuda")
+    copy_gbps = measure_copy_gbps(device, cuda_timer())
+    rows = []
+    for kv in ("bfloat16", "int8", "int4"):
+        spec = KVCacheSpec(num_layers=1, num_kv_heads=HEADS, head_dim=HEAD_DIM, block_size=BLOCK_SIZE, dtype=kv)
+        for batch, context in CASES:
+            generator = torch.Generator(device=device).manual_seed(0)
+            cache, tables = filled_kv_cache(spec, [context] * batch, device, generator, torch.bfloat16)
+            wide = torch.zeros(batch, MAX_MODEL_LEN // BLOCK_SIZE, dtype=torch.int32, device=device)
+            wide[:, : tables.shape[1]] = tables
+            query = torch.randn(batch, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
+            lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+            kv_bytes = batch * context * spec.bytes_per_token()
+            launches = [None] + [DecodeLaunch(block_n, partitions, 4, 1) for block_n in (32, 64)
+                                 for partitions in (1, 2, 4, 8, 16)]
+            for launch in launches:
+                try:
+                    us = graph_us(lambda: paged_decode_attention(query, cache.layers[0], wide, lens, HEAD_DIM**-0.5,
+                                                                 launch))
+                except Exception as exc:
+                    rows.append({"kv": kv, "batch": batch, "context": context, "launch": str(launch),
+                                 "error": str(exc)[:200]})
+                    continue
+                share = kv_bytes / (copy_gbps * 1e3) / us
+                rows.append({"kv": kv, "batch": batch, "context": context, "launch": str(launch), "us": us,
+                             "copy_share": share})
+                print(f"{kv:8s} b{batch:<4d} ctx {context:<5d} {us:8.2f} us  {100 * share:5.1f}% of copy  {launch}",
+                      flush=True)
+            del cache, tables, wide
+            torch.cuda.empty_cache()
+    with open(sys.argv[1], "w") as f:
+        json.dump({"copy_gbps": copy_gbps, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
