@@ -11,7 +11,9 @@ its block at once (W[:, i:] -= err * U[i, i:]), and the block's errors update th
 later columns in one matmul.  Group scale and zero are computed when a column opens
 a new group, from the current (error-updated) weights of that group.  (AutoGPTQ and
 GPTQModel read them from W, which lacks the updates made earlier in the same block
-when group_size < 128; we read the updated block.)
+when group_size < 128; we read the updated block.)  With range_search (the default)
+a group's range is the one GPTQ's `mse` shrink search finds (rtn.ShrinkSearch), not
+its [min, max]: AutoGPTQ / GPTQModel leave that search off by default.
 
 Act-order processes the columns by descending H[i, i] (most active channels first);
 groups then follow the processing order, and the QTensor's g_idx maps each input
@@ -29,15 +31,28 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 
 from lmcompress.errors import LmcError
 from lmcompress.quant.layer import LayerContext
 from lmcompress.quant.qtensor import QTensor, QuantConfig
-from lmcompress.quant.rtn import check_finite, check_linears, group_params, quantize_codes, write_dequantized
+from lmcompress.quant.rtn import (
+    ShrinkSearch,
+    check_finite,
+    check_linears,
+    group_params,
+    quantize_codes,
+    searched_group_params,
+    write_dequantized,
+)
 
 logger = logging.getLogger(__name__)
+
+# (weights [..., group], cfg) -> (scale, zero), each [..., 1]: group_params or searched_group_params
+GroupParams = Callable[[torch.Tensor, QuantConfig], tuple[torch.Tensor, torch.Tensor]]
 
 BLOCK_SIZE = 128  # a multiple of every supported group size, so no group straddles two blocks
 DEFAULT_DAMP_PERCENT = 0.01
@@ -49,8 +64,12 @@ def gptq_quantize_layer(
     damp_percent: float = DEFAULT_DAMP_PERCENT,
     act_order: bool = False,
     static_groups: bool = False,
+    range_search: bool = True,
 ) -> dict[str, QTensor]:
-    """GPTQ-quantize every linear of ctx.layer, set by set, writing back the dequantized weights."""
+    """GPTQ-quantize every linear of ctx.layer, set by set, writing back the dequantized weights.
+
+    range_search: group ranges from the MSE shrink search (else [min, max]).
+    """
     check_linears(ctx)
     if not 0 <= damp_percent <= MAX_DAMP_PERCENT:
         raise LmcError(f"damp_percent {damp_percent} is out of range; use a value in [0, 1] (default 0.01)")
@@ -68,6 +87,7 @@ def gptq_quantize_layer(
                 damp_percent=damp_percent,
                 act_order=act_order,
                 static_groups=static_groups,
+                range_search=range_search,
             )
             write_dequantized(linear, result[name])
     return result
@@ -104,8 +124,12 @@ def gptq_quantize_weight(
     damp_percent: float = DEFAULT_DAMP_PERCENT,
     act_order: bool = False,
     static_groups: bool = False,
+    range_search: bool = True,
 ) -> QTensor:
-    """Quantize weight [out, in] given the Hessian [in, in] of its inputs; `name` is for messages."""
+    """Quantize weight [out, in] given the Hessian [in, in] of its inputs; `name` is for messages.
+
+    range_search: each group's range from the MSE shrink search (else its [min, max]).
+    """
     out_features, in_features = weight.shape
     cfg.check_divides(name, in_features)
     check_finite(weight, name)
@@ -120,14 +144,15 @@ def gptq_quantize_weight(
     h.diagonal()[dead] = 1
     w[:, dead] = 0
     n_groups = in_features // cfg.group_size
-    static = group_params(w.view(out_features, n_groups, cfg.group_size), cfg) if static_groups else None
+    params = partial(searched_group_params, search=ShrinkSearch()) if range_search else group_params
+    static = params(w.view(out_features, n_groups, cfg.group_size), cfg) if static_groups else None
 
     order = torch.arange(in_features, device=w.device)
     if act_order:
         order = torch.argsort(h.diagonal(), descending=True)
         w, h = w[:, order], h[order][:, order]
     upper = hessian_inverse_upper(h, damp_percent, name)
-    codes, scales, zeros = _quantize_columns(w, upper, cfg, static, order)
+    codes, scales, zeros = _quantize_columns(w, upper, cfg, static, order, params)
 
     g_idx = None
     if act_order:
@@ -151,6 +176,7 @@ def _quantize_columns(
     cfg: QuantConfig,
     static: tuple[torch.Tensor, torch.Tensor] | None,
     order: torch.Tensor,
+    params: GroupParams = group_params,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The GPTQ sweep over w [out, in] (columns in processing order; updated in place).
 
@@ -177,7 +203,7 @@ def _quantize_columns(
                 group = static_group_of[column]
                 scale, zero = scales[:, group : group + 1], zeros[:, group : group + 1]
             elif column % group_size == 0:
-                scale, zero = group_params(block[:, i : i + group_size], cfg)
+                scale, zero = params(block[:, i : i + group_size], cfg)
                 scales[:, column // group_size] = scale[:, 0]
                 zeros[:, column // group_size] = zero[:, 0]
             q = quantize_codes(block[:, i : i + 1], scale, zero, cfg)

@@ -16,9 +16,17 @@ group to one value, extending the range to 0 keeps the error within scale / 2.
 Symmetric (cfg.sym True), GPTQ's (GPTQModel's Quantizer) convention:
     scale = 2 * max(|min|, |max|) / max_code,  zero = 2**(bits-1)  (8 for 4 bits)
 so the codes cover [-8, 7] * scale: the positive extreme is clipped by scale / 2.
+
+Range search (ShrinkSearch, GPTQ's `mse` option): instead of [min, max], each group
+takes the range p * [min, max], p over a grid from 1 down, with least
+sum |Q(w) - w|^2.4.  GPTQ and AWQ's scale search use it (their `range_search`
+option); plain RTN does not.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -48,8 +56,16 @@ def check_linears(ctx: LayerContext) -> None:
 
 def group_params(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero code of each group: w [..., group] -> (scale, zero), each [..., 1] float."""
-    low = w.amin(dim=-1, keepdim=True).clamp(max=0)
-    high = w.amax(dim=-1, keepdim=True).clamp(min=0)
+    return _range_params(*group_range(w), cfg)
+
+
+def group_range(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of each group of w [..., group], each [..., 1], widened to hold 0."""
+    return w.amin(dim=-1, keepdim=True).clamp(max=0), w.amax(dim=-1, keepdim=True).clamp(min=0)
+
+
+def _range_params(low: torch.Tensor, high: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero code that map [low, high] (low <= 0 <= high) onto the codes."""
     if cfg.sym:
         scale = (2 * torch.maximum(-low, high)).clamp(min=MIN_SCALE_RANGE) / cfg.max_code
         zero = torch.full_like(scale, 2 ** (cfg.bits - 1))
@@ -57,6 +73,35 @@ def group_params(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch
         scale = (high - low).clamp(min=MIN_SCALE_RANGE) / cfg.max_code
         zero = torch.round(-low / scale).clamp(cfg.min_zero, cfg.max_code)
     return scale, zero
+
+
+@dataclass(frozen=True)
+class ShrinkSearch:
+    """GPTQ's `mse` range search (its Quantizer's defaults): try a group's [min, max] shrunk by
+    1, 1 - 1/grid, ... (int(max_shrink * grid) steps, so the last is just above 1 - max_shrink)
+    and keep the range with least sum |Q(w) - w|^norm."""
+
+    grid: int = 100
+    max_shrink: float = 0.8
+    norm: float = 2.4
+
+
+def searched_group_params(
+    w: torch.Tensor, cfg: QuantConfig, search: ShrinkSearch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like group_params, with each group's range shrunk as `search` finds best: w [..., group]."""
+    low, high = group_range(w)
+    best_scale, best_zero = _range_params(low, high, cfg)
+    best_error = torch.full_like(best_scale, math.inf)
+    for step in range(int(search.max_shrink * search.grid)):
+        shrink = 1 - step / search.grid
+        scale, zero = _range_params(low * shrink, high * shrink, cfg)
+        error = ((quantize_codes(w, scale, zero, cfg) - zero) * scale - w).abs().pow(search.norm).sum(-1, keepdim=True)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
@@ -70,13 +115,18 @@ def fake_quantize_groups(w: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
     return (quantize_codes(w, scale, zero, cfg) - zero) * scale
 
 
-def quantize_weight(w: torch.Tensor, cfg: QuantConfig, name: str = "weight") -> QTensor:
-    """Group-quantize w [out, in]; `name` (the linear's full name) appears in error messages."""
+def quantize_weight(
+    w: torch.Tensor, cfg: QuantConfig, name: str = "weight", search: ShrinkSearch | None = None
+) -> QTensor:
+    """Group-quantize w [out, in]; `name` (the linear's full name) appears in error messages.
+
+    Each group's range is its [min, max], or the shrunk range `search` finds.
+    """
     out_features, in_features = w.shape
     cfg.check_divides(name, in_features)
     check_finite(w, name)
     groups = w.detach().float().reshape(out_features, in_features // cfg.group_size, cfg.group_size)
-    scale, zero = group_params(groups, cfg)
+    scale, zero = group_params(groups, cfg) if search is None else searched_group_params(groups, cfg, search)
     codes = quantize_codes(groups, scale, zero, cfg)
     return QTensor(
         q=codes.reshape(out_features, in_features).to(torch.uint8),
@@ -87,9 +137,11 @@ def quantize_weight(w: torch.Tensor, cfg: QuantConfig, name: str = "weight") -> 
     )
 
 
-def fake_quantize(w: torch.Tensor, cfg: QuantConfig, name: str = "weight") -> torch.Tensor:
+def fake_quantize(
+    w: torch.Tensor, cfg: QuantConfig, name: str = "weight", search: ShrinkSearch | None = None
+) -> torch.Tensor:
     """w [out, in] after quantize-dequantize, in w's dtype."""
-    return quantize_weight(w, cfg, name).dequantize(w.dtype)
+    return quantize_weight(w, cfg, name, search).dequantize(w.dtype)
 
 
 @torch.no_grad()
@@ -99,7 +151,7 @@ def write_dequantized(linear: nn.Linear, qweight: QTensor) -> None:
 
 
 def rtn_quantize_layer(ctx: LayerContext) -> dict[str, QTensor]:
-    """Round every linear of the layer to the nearest code; no calibration data needed."""
+    """Round every linear of the layer to the nearest code, group ranges [min, max]; no calibration data needed."""
     result = {}
     for name in ctx.spec.linears:
         linear = ctx.linear(name)

@@ -6,10 +6,30 @@ for d in turbo calib cli; do ln -sfn ../$d lmcompress/$d; done
 mkdir -p /tmp/bin && printf '#!/bin/sh\nexec python3 -c "from lmcompress.cli.main import cli; cli()" "$@"\n' > /tmp/bin/lmc
 chmod +x /tmp/bin/lmc && export PATH=/tmp/bin:$PATH
 # A Llama-2-7B config with the reference tokenizer: what `--dummy` runs need (weights are made on the GPU).
+L7=/tmp/l7cfg
 make_l7_config() {
-  mkdir -p /tmp/l7cfg && cp tests/assets/ref-llama/{tokenizer.json,tokenizer_config.json,chat_template.jinja} /tmp/l7cfg/
-  python3 -c "import json; from lmcompress.reference.dummy import LLAMA2_7B; json.dump(LLAMA2_7B, open('/tmp/l7cfg/config.json','w'))"
+  mkdir -p $L7 && cp tests/assets/ref-llama/{tokenizer.json,tokenizer_config.json,chat_template.jinja} $L7/
+  python3 -c "import json; from lmcompress.reference.dummy import LLAMA2_7B; json.dump(LLAMA2_7B, open('$L7/config.json','w'))"
+}
+# step NAME: log the seconds since the last step.  run NAME CMD...: run a bench command with --json under
+# $OUT (timeout TMO, default 60 s) and print its headline rows and, when profiled, its kernel table.
+t=$SECONDS
+step() { echo "$1: $((SECONDS-t)) s" | tee -a $OUT/times.txt; t=$SECONDS; }
+run() {
+  name=$1; shift
+  timeout ${TMO:-60} "$@" --json $OUT/$name.json > $OUT/$name.txt 2>&1 || { echo "$name FAILED rc=$?"; tail -3 $OUT/$name.txt; }
+  grep -E 'Output tok/s|Requests/s|TTFT p50|Decode steps|roofline|turn 1 / turn 2|turn . TTFT|KV cache' $OUT/$name.txt | sed "s/^/$name: /"
+  sed -n '/Device time per kernel/,$p' $OUT/$name.txt | head -22
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee $OUT/device.txt
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a $OUT/device.txt
 date -u | tee -a $OUT/device.txt
+# The batch-1, batch-32 (W4 and bf16) and batch-64 W4 + int8 KV rows of docs/benchmarks.md.
+throughput_rows() {
+  T="lmc bench throughput $L7 --dummy --dtype bfloat16 --device cuda"
+  for q in awq-w4g128 none; do
+    run b1_$q $T --quant $q --num-prompts 3 --concurrency 1 --input-len 128 --output-len 256
+    run b32_$q $T --quant $q --num-prompts 96 --concurrency 32 --input-len 128 --output-len 128
+  done
+  run b64_w4_int8 $T --quant awq-w4g128 --kv-cache-dtype int8 --num-prompts 256 --concurrency 64 --input-len 128 --output-len 128
+}

@@ -4,10 +4,7 @@
 # attention launch grid (CUDA-graph timed), and batch-1 decode with the kernel profile.
 source tests/gpu/common.sh
 make_l7_config
-L7=/tmp/l7cfg
 T="lmc bench throughput $L7 --dummy --dtype bfloat16 --device cuda"
-step() { echo "$1: $((SECONDS-t)) s" | tee -a $OUT/times.txt; t=$SECONDS; }
-t=$SECONDS
 LMC_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider tests/turbo/kernels/test_w4a16_kernel.py tests/turbo/kernels/test_fused_kernels.py tests/turbo/models tests/turbo/test_cuda_graph.py tests/turbo/test_llm_equivalence.py -x 2>&1 | tail -6 | tee $OUT/tests.txt
 step "tests"
 timeout 60 python3 tests/gpu/w4a16_sweep.py $OUT/sweep.json --defaults > $OUT/sweep.txt 2>&1 || echo "sweep FAILED rc=$?"
@@ -16,7 +13,6 @@ step "w4a16 table"
 timeout 100 python3 tests/gpu/attention_sweep.py $OUT/attention.json > $OUT/attention.txt 2>&1 || echo "attention FAILED rc=$?"
 grep None $OUT/attention.txt; tail -2 $OUT/attention.txt | grep -i error
 step "attention"
-run() { name=$1; shift; timeout ${TMO:-90} "$@" --json $OUT/$name.json > $OUT/$name.txt 2>&1 || echo "$name FAILED rc=$?"; grep -E 'Output tok/s|TTFT p50|Decode steps|roofline' $OUT/$name.txt | sed "s/^/$name: /"; sed -n '/Device time per kernel/,$p' $OUT/$name.txt | head -14; }
 run b1_w4 $T --quant awq-w4g128 --num-prompts 3 --concurrency 1 --input-len 128 --output-len 256
 run b1_w4_profile $T --quant awq-w4g128 --num-prompts 2 --concurrency 1 --input-len 128 --output-len 128 --profile
 run b64_w4_int8 $T --quant awq-w4g128 --kv-cache-dtype int8 --num-prompts 256 --concurrency 64 --input-len 128 --output-len 128

@@ -4,14 +4,10 @@
 # batch 64 (W4 + int8 KV), and Nsight Compute on one batch-1 W4A16 launch where the machine allows it.
 source tests/gpu/common.sh
 make_l7_config
-L7=/tmp/l7cfg
 T="lmc bench throughput $L7 --dummy --dtype bfloat16 --device cuda --profile"
-step() { echo "$1: $((SECONDS-t)) s" | tee -a $OUT/times.txt; t=$SECONDS; }
-t=$SECONDS
 timeout 200 python3 tests/gpu/w4a16_sweep.py $OUT/sweep.json ${SWEEP_ARGS:---quick} > $OUT/sweep.txt 2>&1 || echo "sweep FAILED rc=$?"
 grep best $OUT/sweep.txt; tail -3 $OUT/sweep.txt
 step "sweep"
-run() { name=$1; shift; timeout ${TMO:-90} "$@" --json $OUT/$name.json > $OUT/$name.txt 2>&1 || echo "$name FAILED rc=$?"; grep -E 'Output tok/s|TTFT p50|Decode steps|roofline' $OUT/$name.txt | sed "s/^/$name: /"; sed -n '/Device time per kernel/,$p' $OUT/$name.txt | head -22; }
 run b1_w4 $T --quant awq-w4g128 --num-prompts 2 --concurrency 1 --input-len 128 --output-len 128
 run b1_bf16 $T --quant none --num-prompts 2 --concurrency 1 --input-len 128 --output-len 128
 run b64_w4_int8 $T --quant awq-w4g128 --kv-cache-dtype int8 --num-prompts 64 --concurrency 64 --input-len 128 --output-len 128

@@ -3,20 +3,12 @@
 # issue 6 on Llama-2-7B shapes with dummy weights, plus HF generate() at batch 64, in one run.
 source tests/gpu/common.sh
 make_l7_config
-L7=/tmp/l7cfg
 T="lmc bench throughput $L7 --dummy --dtype bfloat16 --device cuda"
-step() { echo "$1: $((SECONDS-t)) s" | tee -a $OUT/times.txt; t=$SECONDS; }
-t=$SECONDS
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/turbo/kernels/test_w4a16_kernel.py tests/turbo/models/test_linear.py tests/turbo/test_cuda_graph.py 2>&1 | tail -15 | tee $OUT/w4_tests.txt
 step "w4a16 tests"
 timeout 90 lmc bench kernels --json $OUT/kernels.json > $OUT/kernels.txt 2>&1; tail -3 $OUT/kernels.txt
 step "bench kernels"
-run() { name=$1; shift; timeout ${TMO:-60} "$@" --json $OUT/$name.json > $OUT/$name.txt 2>&1 || echo "$name FAILED rc=$?"; grep -E 'Output tok/s|TTFT p50|Decode steps|roofline|turn 1 / turn 2|turn . TTFT' $OUT/$name.txt | sed "s/^/$name: /"; }
-for q in awq-w4g128 none; do
-  run b1_$q $T --quant $q --num-prompts 3 --concurrency 1 --input-len 128 --output-len 256
-  run b32_$q $T --quant $q --num-prompts 96 --concurrency 32 --input-len 128 --output-len 128
-done
-run b64_w4_int8 $T --quant awq-w4g128 --kv-cache-dtype int8 --num-prompts 256 --concurrency 64 --input-len 128 --output-len 128
+throughput_rows
 run b64_w4_bf16kv $T --quant awq-w4g128 --num-prompts 256 --concurrency 64 --input-len 128 --output-len 128
 run ttft512 $T --quant awq-w4g128 --num-prompts 8 --concurrency 1 --input-len 512 --output-len 4
 step "throughput"

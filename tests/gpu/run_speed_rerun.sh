@@ -3,16 +3,13 @@
 # perplexity test, and the runs of run_speed.sh that hit that bug (batch-1 W4, KV-bound, 32k prefix).
 source tests/gpu/common.sh
 make_l7_config
-L7=/tmp/l7cfg
 T="lmc bench throughput $L7 --dummy --dtype bfloat16 --device cuda --quant awq-w4g128"
-t=$SECONDS
 LMC_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider tests/turbo/kernels/test_w4a16_kernel.py tests/turbo/test_turbo_perplexity.py tests/turbo/test_llm_equivalence.py -k "not staggered" -s 2>&1 | grep -E 'ppl|passed|failed|FAILED' | tee $OUT/tests.txt
-echo "tests: $((SECONDS-t)) s" | tee -a $OUT/times.txt
-run() { name=$1; shift; timeout ${TMO:-60} "$@" --json $OUT/$name.json > $OUT/$name.txt 2>&1 || { echo "$name FAILED"; tail -3 $OUT/$name.txt; }; grep -E 'Output tok/s|Requests/s|TTFT p50|Decode steps|roofline|turn 1 / turn 2|turn . TTFT|KV cache' $OUT/$name.txt | sed "s/^/$name: /"; }
+step "tests"
 run b1_w4 $T --num-prompts 3 --concurrency 1 --input-len 128 --output-len 256
 for kv in bfloat16 int8 int4; do
   run kvbound_$kv $T --kv-cache-dtype $kv --kv-cache-memory 6GiB --num-prompts 128 --concurrency 128 --input-len 1024 --output-len 128
 done
 TMO=90 run prefix32k lmc bench prefix $L7 --dummy --quant awq-w4g128 --dtype bfloat16 --device cuda --max-model-len 33280 --prefix-len 32768
-echo "all: $((SECONDS-t)) s" | tee -a $OUT/times.txt
+step "all"
 cd $OUT && tar czf all.tgz *.json *.txt

@@ -4,22 +4,14 @@
 # W4A16 table configs in CUDA graphs, the batch-1/32/64 and TTFT rows of docs/benchmarks.md and HF batch 64.
 source tests/gpu/common.sh
 make_l7_config
-L7=/tmp/l7cfg
 T="lmc bench throughput $L7 --dummy --dtype bfloat16 --device cuda"
-step() { echo "$1: $((SECONDS-t)) s" | tee -a $OUT/times.txt; t=$SECONDS; }
-t=$SECONDS
 LMC_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider tests/turbo/kernels/test_w4a16_kernel.py tests/turbo/kernels/test_fused_kernels.py 2>&1 | tail -4 | tee $OUT/tests.txt
 step "kernel tests"
 timeout 60 python3 tests/gpu/w4a16_sweep.py $OUT/sweep.json --defaults > $OUT/sweep.txt 2>&1 || echo "sweep FAILED rc=$?"
 grep -E "M=" $OUT/sweep.txt | grep -v best
 timeout 90 lmc bench kernels --json $OUT/kernels.json > $OUT/kernels.txt 2>&1 || echo "bench kernels FAILED"
 step "kernels"
-run() { name=$1; shift; timeout ${TMO:-60} "$@" --json $OUT/$name.json > $OUT/$name.txt 2>&1 || echo "$name FAILED rc=$?"; grep -E 'Output tok/s|TTFT p50|Decode steps|roofline' $OUT/$name.txt | sed "s/^/$name: /"; }
-for q in awq-w4g128 none; do
-  run b1_$q $T --quant $q --num-prompts 3 --concurrency 1 --input-len 128 --output-len 256
-  run b32_$q $T --quant $q --num-prompts 96 --concurrency 32 --input-len 128 --output-len 128
-done
-run b64_w4_int8 $T --quant awq-w4g128 --kv-cache-dtype int8 --num-prompts 256 --concurrency 64 --input-len 128 --output-len 128
+throughput_rows
 run ttft512 $T --quant awq-w4g128 --num-prompts 8 --concurrency 1 --input-len 512 --output-len 4
 step "throughput"
 TMO=200 run hf_b64 lmc bench hf $L7 --dummy --batch-size 64 --input-len 128 --output-len 128 --cache static --dtype bf16 --device cuda

@@ -4,16 +4,19 @@ import pytest
 import torch
 
 from lmcompress.errors import LmcError
+from lmcompress.quant import awq
 from lmcompress.quant.awq import (
+    ClipSearch,
     apply_scales,
     awq_quantize_layer,
+    channel_map,
     fold_scale,
     input_sources,
-    is_foldable,
     search_clip,
     search_scale,
 )
-from lmcompress.quant.rtn import fake_quantize, rtn_quantize_layer
+from lmcompress.quant.qtensor import QuantConfig
+from lmcompress.quant.rtn import ShrinkSearch, fake_quantize, rtn_quantize_layer
 
 
 def _capture_group_inputs(ctx):
@@ -43,15 +46,31 @@ def test_folding_extreme_scales_keeps_the_float_function(tiny_case, arch):
     torch.testing.assert_close(case.ctx.batched(case.ctx.call_layer, case.held_out), case.reference, rtol=0, atol=1e-5)
 
 
-def test_gqa_skips_v_to_o(tiny_case):
+def test_gqa_skips_v_to_o_as_autoawq_does(tiny_case):
     case = tiny_case("qwen3", kv_heads=2)
     v_to_o = next(g for g in case.ctx.spec.scaling_groups if g.prev_op == "self_attn.v_proj")
-    assert not is_foldable(case.ctx, v_to_o)
+    assert channel_map(case.ctx, v_to_o, gqa_scaling=False) is None
     o_weight = case.ctx.linear("self_attn.o_proj").weight.detach().clone()
-    applied = apply_scales(case.ctx, _capture_group_inputs(case.ctx), partial(fake_quantize, cfg=case.ctx.cfg))
+    quantizer = partial(fake_quantize, cfg=case.ctx.cfg)
+    applied = apply_scales(case.ctx, _capture_group_inputs(case.ctx), quantizer, gqa_scaling=False)
     assert "self_attn.v_proj" not in applied and len(applied) == 3
     assert torch.equal(case.ctx.linear("self_attn.o_proj").weight, o_weight)
     torch.testing.assert_close(case.ctx.batched(case.ctx.call_layer, case.held_out), case.reference, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_gqa_scaling_shares_a_value_channel_scale_across_its_query_heads(tiny_case, arch):
+    case = tiny_case(arch, kv_heads=2)  # 4 query heads of 32 channels, 2 KV heads: heads 0, 1 read KV head 0
+    o_weight = case.ctx.linear("self_attn.o_proj").weight.detach().clone()
+    inputs = _capture_group_inputs(case.ctx)
+    applied = apply_scales(case.ctx, inputs, partial(fake_quantize, cfg=case.ctx.cfg), gqa_scaling=True)
+    scales = applied["self_attn.v_proj"]
+    assert scales.shape == (64,)
+    head_scales = torch.cat([scales[:32], scales[:32], scales[32:], scales[32:]])
+    torch.testing.assert_close(case.ctx.linear("self_attn.o_proj").weight, o_weight * head_scales, rtol=1e-6, atol=0)
+    torch.testing.assert_close(case.ctx.batched(case.ctx.call_layer, case.held_out), case.reference, rtol=0, atol=1e-5)
+    for name, recaptured in _capture_group_inputs(case.ctx).items():
+        torch.testing.assert_close(inputs[name], recaptured, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -67,17 +86,83 @@ def test_awq_beats_rtn_on_held_out_inputs(tiny_case, arch, kv_heads, sym):
     assert awq.held_out_mse() < 0.85 * rtn.held_out_mse()
 
 
-def test_clip_shrinks_groups_with_an_outlier_weight(tiny_case):
+AUTOAWQ_CLIP = ClipSearch(grid=20, max_shrink=0.5, absmax=True)
+
+
+@pytest.mark.parametrize("search", [ClipSearch(), AUTOAWQ_CLIP], ids=["range", "autoawq"])
+def test_clip_shrinks_groups_with_an_outlier_weight(tiny_case, search):
     torch.manual_seed(0)
     cfg = tiny_case().ctx.cfg
     weight = torch.randn(8, 64) * 0.02
     weight[:, 5] = 0.5  # one weight per row 25 sigma out, in group 0 only, on a quiet input channel
     x = torch.randn(4, 32, 64)
     x[..., 5] *= 0.01
-    bounds = search_clip(weight, x, cfg)
-    absmax = weight.view(8, 2, 32).abs().amax(dim=-1, keepdim=True)
-    assert torch.all(bounds[:, 0] < absmax[:, 0])
-    assert torch.all(bounds <= absmax) and torch.all(bounds >= 0.5 * absmax)
+    low, high = search_clip(weight, x, cfg, search)
+    groups = weight.view(8, 2, 32)
+    # the outlier is clipped, within the grid's reach
+    assert torch.all(high[:, 0] < 0.5) and torch.all(high[:, 0] >= 0.5 * (1 - search.max_shrink))
+    absmax = groups.abs().amax(dim=-1, keepdim=True)
+    assert torch.all(high <= absmax) and torch.all(low >= -absmax) and torch.all(low <= 0)
+
+
+def test_range_clip_narrows_the_short_side_of_a_lopsided_group(tiny_case):
+    torch.manual_seed(0)
+    cfg = tiny_case().ctx.cfg
+    weight = torch.randn(8, 32).abs() * 0.02 - 0.01
+    weight[:, 3] = 0.5  # the positive side reaches 0.5 (on a quiet input channel), the negative one about -0.01
+    x = torch.randn(4, 32, 32)
+    x[..., 3] *= 0.01
+    low, high = search_clip(weight, x, cfg, ClipSearch())
+    minimum, maximum = weight.amin(dim=-1, keepdim=True), weight.amax(dim=-1, keepdim=True)
+    torch.testing.assert_close(low.squeeze(1) / minimum, high.squeeze(1) / maximum)  # one shrink for both ends
+    assert torch.all(high.squeeze(1) < maximum)
+    absmax_low, _ = search_clip(weight, x, cfg, ClipSearch(absmax=True))
+    assert torch.all(absmax_low.squeeze(1) <= minimum)  # +-bound never reaches the short side
+
+
+def test_default_clip_beats_autoawq_clip_on_unseen_tokens():
+    torch.manual_seed(0)
+    cfg = QuantConfig(bits=4, group_size=128)
+    weight = torch.distributions.Laplace(0.0, 0.02).sample((256, 256))  # heavier tails than a Gaussian, as trained weights
+    scale = torch.rand(256) + 0.5
+    search_tokens, eval_tokens = torch.randn(1, 512, 256) * scale, torch.randn(4096, 256) * scale
+
+    def unseen_error(search):
+        low, high = search_clip(weight, search_tokens, cfg, search)
+        clipped = torch.clamp(weight.view(256, 2, 128), low, high).view(256, 256)
+        return (eval_tokens @ (fake_quantize(clipped, cfg) - weight).T).pow(2).mean()
+
+    assert unseen_error(ClipSearch()) < 0.99 * unseen_error(AUTOAWQ_CLIP)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"duo_scaling": False}, {"gqa_scaling": False}, {"range_search": True}, {"clip": False}],
+    ids=["defaults", "no-duo-scaling", "no-gqa-scaling", "range-search", "no-clip"],
+)
+def test_layer_options_reach_the_scale_and_clip_searches(tiny_case, monkeypatch, options):
+    case = tiny_case("qwen3", kv_heads=2)
+    seen = {"clipped": []}
+
+    def recording_apply_scales(ctx, inputs, quantizer, **kwargs):
+        seen.update(kwargs, quantizer=quantizer)
+        return {}
+
+    def recording_clip_linear(linear, x, cfg):
+        seen["clipped"].append(linear)
+
+    monkeypatch.setattr(awq, "apply_scales", recording_apply_scales)
+    monkeypatch.setattr(awq, "clip_linear", recording_clip_linear)
+    awq_quantize_layer(case.ctx, **options)
+    expected = {"duo_scaling": True, "gqa_scaling": True, "range_search": False, "clip": True} | options
+    assert (seen["duo_scaling"], seen["gqa_scaling"]) == (expected["duo_scaling"], expected["gqa_scaling"])
+    # the trial quantizer of the scale search: shrink-searched group ranges, or plain min-max ones
+    weight = torch.distributions.Laplace(0.0, 0.02).sample((16, 128))
+    search = ShrinkSearch() if expected["range_search"] else None
+    assert torch.equal(seen["quantizer"](weight), fake_quantize(weight, case.ctx.cfg, search=search))
+    # clipping covers every linear, q_proj and k_proj included (AutoAWQ skips those two)
+    linears = [case.ctx.linear(name) for name in case.ctx.spec.linears] if expected["clip"] else []
+    assert seen["clipped"] == linears
 
 
 def test_bad_grid_is_rejected(tiny_case):
@@ -126,4 +211,5 @@ def test_clip_search_matches_autoawq(tiny_case):
         weight, x = ctx.linear(name).weight.detach(), inputs[sources[name]]
         # AutoAWQ's grid stops one step short of its max_shrink; 0.55 makes it end at 0.5, as ours does.
         theirs = reference._compute_best_clip(weight, x, n_grid=20, max_shrink=0.55)
-        assert torch.equal(search_clip(weight, x, ctx.cfg), theirs)
+        low, high = search_clip(weight, x, ctx.cfg, AUTOAWQ_CLIP)
+        assert torch.equal(high, theirs) and torch.equal(low, -theirs)

@@ -12,7 +12,14 @@ from lmcompress.quant.gptq import (
     hessian_inverse_upper,
 )
 from lmcompress.quant.qtensor import QuantConfig
-from lmcompress.quant.rtn import group_params, quantize_weight, rtn_quantize_layer
+from lmcompress.quant.rtn import (
+    ShrinkSearch,
+    group_params,
+    quantize_codes,
+    quantize_weight,
+    rtn_quantize_layer,
+    searched_group_params,
+)
 
 
 @pytest.mark.parametrize(
@@ -101,15 +108,51 @@ def test_act_order_g_idx_groups_channels_by_descending_activity():
     assert error(qweight.dequantize()) < 0.8 * error(quantize_weight(weight, cfg).dequantize())
 
 
-def test_static_groups_keep_the_identity_grouping():
+def _group_params(groups, cfg, range_search):
+    return searched_group_params(groups, cfg, ShrinkSearch()) if range_search else group_params(groups, cfg)
+
+
+@pytest.mark.parametrize("range_search", [False, True])
+def test_static_groups_keep_the_identity_grouping(range_search):
     torch.manual_seed(1)
     cfg = QuantConfig(group_size=32)
     weight, hessian = torch.randn(16, 128), _correlated_hessian(128, seed=1)
-    qweight = gptq_quantize_weight(weight, hessian, cfg, "test.linear", act_order=True, static_groups=True)
+    qweight = gptq_quantize_weight(
+        weight, hessian, cfg, "test.linear", act_order=True, static_groups=True, range_search=range_search
+    )
     assert qweight.g_idx is None
-    scale, zero = group_params(weight.view(16, 4, 32), cfg)
-    torch.testing.assert_close(qweight.scales, scale.squeeze(-1))
+    scale, zero = _group_params(weight.view(16, 4, 32), cfg, range_search)
+    torch.testing.assert_close(qweight.scales, scale.squeeze(-1), rtol=0, atol=0)
     assert torch.equal(qweight.zeros, zero.squeeze(-1).to(torch.uint8))
+
+
+@pytest.mark.parametrize("range_search", [False, True])
+def test_uncorrelated_inputs_make_gptq_round_to_nearest(range_search):
+    """With H = I no error is propagated: GPTQ is RTN with its group ranges (min-max or the shrink search)."""
+    torch.manual_seed(4)
+    cfg = QuantConfig(group_size=32)
+    weight = torch.randn(16, 128)
+    qweight = gptq_quantize_weight(weight, torch.eye(128), cfg, "test.linear", range_search=range_search)
+    groups = weight.view(16, 4, 32)
+    scale, zero = _group_params(groups, cfg, range_search)
+    torch.testing.assert_close(qweight.scales, scale.squeeze(-1), rtol=0, atol=0)
+    assert torch.equal(qweight.q, quantize_codes(groups, scale, zero, cfg).view(16, 128).to(torch.uint8))
+    if range_search:
+        assert torch.any(scale < group_params(groups, cfg)[0])
+
+
+@pytest.mark.parametrize("options", [{}, {"range_search": False}], ids=["default", "no-range-search"])
+def test_layer_passes_range_search_to_every_linear(tiny_case, monkeypatch, options):
+    seen = []
+
+    def recording_quantize_weight(*args, quantize=gptq.gptq_quantize_weight, **kwargs):
+        seen.append(kwargs["range_search"])
+        return quantize(*args, **kwargs)
+
+    monkeypatch.setattr(gptq, "gptq_quantize_weight", recording_quantize_weight)
+    case = tiny_case()
+    gptq_quantize_layer(case.ctx, **options)
+    assert seen == [options.get("range_search", True)] * len(case.ctx.spec.linears)
 
 
 def test_dead_input_channels_get_zero_weights():

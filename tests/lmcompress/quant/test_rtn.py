@@ -3,7 +3,15 @@ import torch
 
 from lmcompress.errors import LmcError
 from lmcompress.quant.qtensor import QuantConfig
-from lmcompress.quant.rtn import fake_quantize, quantize_weight, rtn_quantize_layer
+from lmcompress.quant.rtn import (
+    ShrinkSearch,
+    fake_quantize,
+    group_params,
+    quantize_codes,
+    quantize_weight,
+    rtn_quantize_layer,
+    searched_group_params,
+)
 
 
 def _autoawq_quantizer(group_size: int):
@@ -82,3 +90,28 @@ def test_min_zero_keeps_gptq_storable_zero_codes():
     qt = quantize_weight(w, QuantConfig(min_zero=1))
     assert int(qt.zeros.min()) == 1
     assert (qt.dequantize() - w).abs().max() <= qt.scales.max() * 1.01
+
+
+def _norm_error(w, scale, zero, cfg, norm=2.4):
+    """sum |Q(w) - w|^norm of each group of w [..., group] -> [..., 1]."""
+    return ((quantize_codes(w, scale, zero, cfg) - zero) * scale - w).abs().pow(norm).sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_shrink_search_never_loses_to_the_full_range(sym):
+    torch.manual_seed(3)
+    cfg = QuantConfig(group_size=128, sym=sym)
+    w = torch.distributions.Laplace(0.0, 0.02).sample((64, 2, 128))
+    full = _norm_error(w, *group_params(w, cfg), cfg)
+    searched_scale, searched_zero = searched_group_params(w, cfg, ShrinkSearch())
+    searched = _norm_error(w, searched_scale, searched_zero, cfg)
+    assert torch.all(searched <= full) and searched.sum() < 0.95 * full.sum()
+    assert torch.all(searched_scale <= group_params(w, cfg)[0] * (1 + 1e-6))  # shrinking only
+    assert searched_zero.min() >= 0 and searched_zero.max() <= 15
+
+
+def test_shrink_search_without_steps_is_min_max():
+    w = torch.randn(8, 2, 32)
+    cfg = QuantConfig(group_size=32)
+    for expected, found in zip(group_params(w, cfg), searched_group_params(w, cfg, ShrinkSearch(max_shrink=0.0))):
+        assert torch.equal(expected, found)
