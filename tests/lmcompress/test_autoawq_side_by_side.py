@@ -9,9 +9,8 @@ first 8192 held-out tokens in disjoint 1024-token windows.
 AutoAWQ gets the model in float32. With its default fp16, CPU matmuls run about 6x slower.
 AutoAWQ runs without its weight-clipping search (apply_clip=False): its broadcast clip search
 takes most of its CPU time, about 25 s a layer here, and its defect is in the scale search.
-lmc runs its defaults, as `lmc quantize --method awq` does: GQA v_proj -> o_proj scaling, the
-MSE range search in the scale search and the range clip search (docs/quantization.md). The
-range search makes lmc's side the slowest part of this test on the CPU.
+lmc runs its defaults, as `lmc quantize --method awq` does: GQA v_proj -> o_proj scaling and
+the range clip search on every linear (docs/quantization.md).
 
 AutoAWQ as released scores worse than RTN because of its CPU backup bug (docs/quantization.md).
 A second AutoAWQ run with a real copy of the backup, as AutoAWQ gets on a GPU, shows that
