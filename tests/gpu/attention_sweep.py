@@ -18,29 +18,10 @@ from lmcompress.turbo.bench_kernels import cuda_timer, filled_kv_cache, measure_
 from lmcompress.turbo.kernels.paged_attention import DecodeLaunch, paged_decode_attention
 from lmcompress.turbo.kv_cache import KVCacheSpec
 
-HEADS, HEAD_DIM, BLOCK_SIZE, MAX_MODEL_LEN, CALLS = 32, 128, 16, 4096, 32
+from graph_timing import graph_us  # this folder (the script's directory is on sys.path)
+
+HEADS, HEAD_DIM, BLOCK_SIZE, MAX_MODEL_LEN, CALLS, REPLAYS = 32, 128, 16, 4096, 32, 3
 CASES = [(1, 192), (64, 192), (64, 1024), (128, 1152)]
-
-
-def graph_us(call) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS):
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(3):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (3 * CALLS)
 
 
 def main() -> None:
@@ -61,8 +42,9 @@ def main() -> None:
                                  for partitions in (1, 2, 4, 8, 16)]
             for launch in launches:
                 try:
-                    us = graph_us(lambda: paged_decode_attention(query, cache.layers[0], wide, lens, HEAD_DIM**-0.5,
-                                                                 launch))
+                    call = lambda: paged_decode_attention(query, cache.layers[0], wide, lens,  # noqa: E731
+                                                          HEAD_DIM**-0.5, launch)
+                    us = graph_us([call] * CALLS, REPLAYS)
                 except Exception as exc:
                     rows.append({"kv": kv, "batch": batch, "context": context, "launch": str(launch),
                                  "error": str(exc)[:200]})

@@ -20,6 +20,8 @@ from lmcompress.turbo.bench_kernels import cuda_timer, measure_copy_gbps, random
 from lmcompress.turbo.kernels import w4a16
 from lmcompress.turbo.kernels.w4a16 import PackedW4, TileConfig, w4a16_matmul
 
+from graph_timing import graph_us  # this folder (the script's directory is on sys.path)
+
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 FOOTPRINT = 512 * 2**20  # bytes of weight copies cycled through per replay: several times the L2
 REPLAYS = 5
@@ -44,29 +46,6 @@ def tile_configs(m: int) -> list[TileConfig]:
                 for bk in (64, 128):
                     out.append(TileConfig(bm, bn, warps, stages, pps, bk))
     return out
-
-
-def graph_us(calls: list) -> float:
-    """Mean device time of one call when all of them are replayed from one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:  # warm up (compiles) outside capture
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(REPLAYS):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (REPLAYS * len(calls))
 
 
 def kernel_stats() -> dict:
@@ -102,12 +81,12 @@ def main() -> None:
                  for _ in range(max(2, math.ceil(FOOTPRINT / (2 * n * k))))]
         for m in args.m:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-            bf16_us = graph_us([lambda d=d: F.linear(x, d) for d in dense])
+            bf16_us = graph_us([lambda d=d: F.linear(x, d) for d in dense], REPLAYS)
             roof_us = w4_bytes / (copy_gbps * 1e3)
             configs = [None] + ([] if args.defaults else gemv_configs(args.quick) if m == 1 else tile_configs(m))
             for config in configs:
                 try:
-                    us = graph_us([lambda w=w: w4a16_matmul(x, w, None, config) for w in copies])
+                    us = graph_us([lambda w=w: w4a16_matmul(x, w, None, config) for w in copies], REPLAYS)
                 except Exception as exc:  # a config the compiler rejects (shared memory): recorded, not fatal
                     rows.append({"shape": name, "m": m, "config": str(config), "error": str(exc)[:200]})
                     continue

@@ -26,3 +26,15 @@ def available(device: torch.device | str) -> bool:
     """True when turbo should run its Triton kernels for tensors on `device` (called per layer: cheap)."""
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     return device_type == "cuda" and _triton_installed()
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device; 1 for a CPU device (the Triton interpreter runs kernels on CPU tensors)."""
+    if device.type != "cuda":
+        return 1
+    return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count

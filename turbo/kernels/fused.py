@@ -2,7 +2,7 @@
 and the rotary embedding of queries and keys.
 
 Each kernel reads its inputs once and writes its outputs once, rounding where the torch reference rounds
-(the *_reference functions, which define the semantics and run on any device):
+(the *_reference functions of turbo.models.decoder, which define the semantics and run on any device):
     rms_norm:      h = x + residual in the model dtype; normalise h in float32; cast to the model dtype;
                    multiply by the weight (transformers' order of operations, as turbo's RMSNorm).
     silu_and_mul:  silu(gate) in float32, cast to the model dtype, times up.
@@ -15,28 +15,13 @@ Each kernel reads its inputs once and writes its outputs once, rounding where th
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from lmcompress.errors import LmcError
+from lmcompress.turbo.models.decoder import rms_norm_reference, silu_and_mul_reference  # noqa: F401 (the oracles)
 
 SILU_BLOCK = 1024  # output columns per silu_and_mul program
-
-
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                       residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D], weight [D] -> normed [..., D]; with residual: (normed(x + residual), x + residual)."""
-    if residual is not None:
-        hidden = x + residual
-        return rms_norm_reference(hidden, weight, eps), hidden
-    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
-
-
-def silu_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up [..., 2I] (gate then up) -> silu(gate) * up [..., I]."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

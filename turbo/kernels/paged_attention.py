@@ -35,7 +35,6 @@ of one token, whose K/V and float16 meta share DRAM sectors, are read close in t
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +42,7 @@ import triton
 import triton.language as tl
 
 from lmcompress.errors import LmcError
-from lmcompress.turbo.kernels import MAGIC_BITS
+from lmcompress.turbo.kernels import MAGIC_BITS, sm_count
 from lmcompress.turbo.kernels.kv_write import supports
 from lmcompress.turbo.kv_cache import LayerKVCache, QuantKVPool
 
@@ -378,11 +377,6 @@ class DecodeLaunch:
     num_stages: int  # > 1: software-pipelined loads of tl.dot operands (GQA)
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def decode_launch(batch: int, cache: LayerKVCache, group: int, query_dtype: torch.dtype, max_context: int,
                   device: torch.device) -> DecodeLaunch:
     """Tiles and partitions for a decode step, from shapes alone (so fixed for a captured graph).
@@ -400,7 +394,7 @@ def decode_launch(batch: int, cache: LayerKVCache, group: int, query_dtype: torc
     else:
         block_n = 32
     num_kv_heads = keys.data.shape[1]
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = sm_count(device)
     wanted = triton.cdiv(_PROGRAMS_PER_SM * sms, batch * num_kv_heads)
     limit = min(_MAX_PARTITIONS, max(1, triton.cdiv(max_context, block_n)), wanted)
     # tl.dot's operands are loaded through cp.async one tile ahead (Triton's pipeliner);

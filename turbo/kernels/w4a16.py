@@ -40,7 +40,7 @@ dequantizes W into a reused per-device scratch buffer and cuBLAS does the GEMM.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,7 @@ import triton.language as tl
 from lmcompress.errors import LmcError
 from lmcompress.formats.packing import CODES_PER_INT32, is_identity_groups, pack_nibbles, unpack_nibbles
 from lmcompress.quant.qtensor import SUPPORTED_GROUP_SIZES, QTensor
-from lmcompress.turbo.kernels import MAGIC_BITS
+from lmcompress.turbo.kernels import MAGIC_BITS, sm_count
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PLANE_CHANNELS = 16  # input channels of one code plane
@@ -108,28 +108,6 @@ class PackedW4:
             in_features=in_features,
             group_size=qt.group_size,
             dtype=dtype,
-        )
-
-    @classmethod
-    def concat(cls, parts: list[PackedW4]) -> PackedW4:
-        """Stack weights that read the same input (q/k/v, gate/up) along out_features into one."""
-        first = parts[0]
-        for part in parts[1:]:
-            same_perm = (part.perm is None and first.perm is None) or (
-                part.perm is not None and first.perm is not None and torch.equal(part.perm, first.perm)
-            )
-            if (part.in_features, part.group_size, part.dtype, part.scales.dtype) != (
-                first.in_features, first.group_size, first.dtype, first.scales.dtype
-            ) or not same_perm:
-                raise LmcError(
-                    "cannot concatenate PackedW4 weights with different in_features, group size, dtypes or "
-                    "act-order permutation; run them as separate linears"
-                )
-        return replace(
-            first,
-            qweight=torch.cat([p.qweight for p in parts], dim=1),
-            scales=torch.cat([p.scales for p in parts], dim=1),
-            zeros=torch.cat([p.zeros for p in parts], dim=1),
         )
 
     def codes(self) -> torch.Tensor:
@@ -258,16 +236,10 @@ def _split_count(config: TileConfig, m: int, n: int, tiles: int, blocks: int, de
     """K splits per output tile: enough programs for programs_per_sm per SM, as many as the workspace holds,
     each split long enough that its float32 partial (4 * BM * BN bytes stored, then read back) stays under a
     quarter of the operand bytes it reads (per block of 128 channels: 256 * BM of x, 64 * BN of weights)."""
-    wanted = config.programs_per_sm * _sm_count(device) // tiles
+    wanted = config.programs_per_sm * sm_count(device) // tiles
     min_blocks = max(1, 16 * config.block_m * config.block_n // (256 * config.block_m + 64 * config.block_n))
     fits = SPLIT_WORKSPACE_FLOATS // (m * n) if tiles <= MAX_SPLIT_TILES else 1
     return max(1, min(wanted, blocks // min_blocks, fits, MAX_SPLITS))
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    # The Triton interpreter (TRITON_INTERPRET=1, used to test the kernel logic) runs on CPU tensors.
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 @functools.cache

@@ -42,14 +42,20 @@ class RMSNorm(nn.Module):
             from lmcompress.turbo.kernels.fused import rms_norm
 
             return rms_norm(x, self.weight, self.eps, residual)
-        if residual is not None:
-            summed = x + residual
-            return self._norm(summed), summed
-        return self._norm(x)
+        return rms_norm_reference(x, self.weight, self.eps, residual)
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32, scale in the model dtype (transformers' order of operations).
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                       residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D], weight [D] -> normed [..., D]; with residual: (normed(x + residual), x + residual).
+
+    Normalise in float32, scale in the model dtype (transformers' order of operations); the oracle
+    of the fused Triton kernel.
+    """
+    if residual is not None:
+        hidden = x + residual
+        return rms_norm_reference(hidden, weight, eps), hidden
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -58,6 +64,11 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         from lmcompress.turbo.kernels.fused import silu_and_mul as fused_silu_and_mul
 
         return fused_silu_and_mul(gate_up)
+    return silu_and_mul_reference(gate_up)
+
+
+def silu_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [..., 2I] (gate then up) -> silu(gate) * up [..., I]: the oracle of the fused Triton kernel."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lmcompress.errors import LmcError
-from lmcompress.quant.qtensor import QTensor
+from lmcompress.quant.qtensor import QTensor, concat_out_features
 
 pytest.importorskip("triton")
 from lmcompress.turbo.kernels.w4a16 import (
@@ -88,18 +88,11 @@ def test_reference_is_f_linear_over_the_qtensor_weight():
     torch.testing.assert_close(w4a16_reference(x, PackedW4.from_qtensor(qt, torch.float32), bias), expected)
 
 
-def test_concat_stacks_out_features():
+def test_stacked_weights_pack_as_one():
     parts = [random_qtensor(n, 256, 128, seed=n) for n in (16, 8, 24)]
-    packed = PackedW4.concat([PackedW4.from_qtensor(p, torch.float16) for p in parts])
+    packed = PackedW4.from_qtensor(concat_out_features(parts), torch.float16)
     assert packed.out_features == 48
     assert torch.equal(packed.dequantize(), torch.cat([p.dequantize(torch.float16) for p in parts]))
-
-
-def test_concat_rejects_different_inputs():
-    a = PackedW4.from_qtensor(random_qtensor(8, 256, 128), torch.float16)
-    b = PackedW4.from_qtensor(random_qtensor(8, 256, 64), torch.float16)
-    with pytest.raises(LmcError, match="cannot concatenate PackedW4"):
-        PackedW4.concat([a, b])
 
 
 def test_unequal_act_order_groups_and_odd_group_sizes_are_rejected():
@@ -236,7 +229,7 @@ def test_split_k_is_deterministic_and_cuda_graph_capturable(m):
 @needs_cuda
 def test_concat_runs_as_one_gemm():
     parts = [random_qtensor(n, 512, 128, device="cuda", seed=n) for n in (256, 128, 128)]
-    stacked = PackedW4.concat([PackedW4.from_qtensor(p, torch.float16) for p in parts])
+    stacked = PackedW4.from_qtensor(concat_out_features(parts), torch.float16)
     x = torch.randn(4, 512, device="cuda", dtype=torch.float16)
     separate = torch.cat([w4a16_matmul(x, PackedW4.from_qtensor(p, torch.float16)) for p in parts], dim=1)
     torch.testing.assert_close(w4a16_matmul(x, stacked), separate, rtol=2e-3, atol=2e-3)
