@@ -232,6 +232,14 @@ def _chunk_text(event: dict) -> str:
 # --- the report ------------------------------------------------------------------------------------
 
 
+def distribution_ms(seconds: Sequence[float]) -> dict[str, float | None]:
+    """mean, p50 and p99 in milliseconds; None for each when there are no samples."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    if not ms.size:
+        return {"mean": None, "p50": None, "p99": None}
+    return {"mean": float(ms.mean()), "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
+
+
 def summarize(results: Sequence[RequestResult], duration_s: float) -> dict:
     """The run's figures: counts, throughputs, and mean/median/p99 of TTFT, TPOT, ITL and E2E in ms."""
     done = [r for r in results if r.ok]
@@ -254,10 +262,9 @@ def summarize(results: Sequence[RequestResult], duration_s: float) -> dict:
         "e2el": [r.latency for r in done],
     }
     for name, values in samples.items():
-        ms = np.asarray(values, dtype=np.float64) * 1000
-        for stat, value in (("mean", ms.mean() if ms.size else None), ("median", np.median(ms) if ms.size else None),
-                            ("p99", np.percentile(ms, 99) if ms.size else None)):
-            summary[f"{stat}_{name}_ms"] = None if value is None else float(value)
+        stats = distribution_ms(values)
+        for stat, key in (("mean", "mean"), ("median", "p50"), ("p99", "p99")):
+            summary[f"{stat}_{name}_ms"] = stats[key]
     summary["errors"] = sorted({r.error for r in results if not r.ok})[:10]
     return summary
 

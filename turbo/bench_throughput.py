@@ -36,7 +36,7 @@ from lmcompress.quant.qtensor import QuantConfig
 from lmcompress.resources import PeakMemory, resolve_device
 from lmcompress.turbo import kernels
 from lmcompress.turbo.bench_kernels import cuda_timer, measure_copy_gbps
-from lmcompress.turbo.bench_serve import random_requests
+from lmcompress.turbo.bench_serve import distribution_ms, random_requests
 from lmcompress.turbo.config import EngineConfig
 from lmcompress.turbo.engine import LLMEngine
 from lmcompress.turbo.forward_batch import ForwardBatch
@@ -337,14 +337,6 @@ def _json_ready(values: dict) -> dict:
 
 
 # --- figures --------------------------------------------------------------------------------------
-
-
-def distribution_ms(seconds: list[float]) -> dict[str, float | None]:
-    """mean, p50 and p99 in milliseconds; None for each when there are no samples."""
-    ms = np.asarray(seconds, dtype=np.float64) * 1e3
-    if not ms.size:
-        return {"mean": None, "p50": None, "p99": None}
-    return {"mean": float(ms.mean()), "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
 
 
 def throughput_figures(run: RunTrace) -> dict:
