@@ -23,6 +23,15 @@ from lmcompress.turbo.kv_cache import MIN_SCALE, LayerKVCache, QuantKVPool
 _MIN_SCALE = tl.constexpr(MIN_SCALE)
 
 
+def pool_kind(cache: LayerKVCache) -> tuple[int, bool, bool]:
+    """(bits, dynamic, static) of a layer's pools as the kernels take them: bits 0 for a float pool; dynamic:
+    per-token scale/zero in the pools' meta; static: calibrated per-channel tables."""
+    if not isinstance(cache.keys, QuantKVPool):
+        return 0, False, False
+    dynamic = cache.keys.meta is not None
+    return cache.keys.bits, dynamic, not dynamic
+
+
 def supports(head_dim: int) -> bool:
     """Head sizes the KV kernels take: powers of two from 16 to 256 (tl.arange and tl.dot need them)."""
     return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
@@ -112,9 +121,7 @@ def write_kv(cache: LayerKVCache, slots: torch.Tensor, key: torch.Tensor, value:
         return
     keys, values = cache.keys, cache.values
     key, value = (x if x.stride(-1) == 1 else x.contiguous() for x in (key, value))
-    quantized = isinstance(keys, QuantKVPool)
-    dynamic = quantized and keys.meta is not None
-    static = quantized and not dynamic
+    bits, dynamic, static = pool_kind(cache)
     _write_kv_kernel[(num_tokens,)](
         slots, key, value, keys.data, values.data,
         keys.meta if dynamic else None, values.meta if dynamic else None,
@@ -123,6 +130,6 @@ def write_kv(cache: LayerKVCache, slots: torch.Tensor, key: torch.Tensor, value:
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         keys.data.stride(0), num_heads * 2,
         NUM_HEADS=num_heads, HEADS_P2=triton.next_power_of_2(num_heads), HEAD_DIM=head_dim,
-        BITS=keys.bits if quantized else 0, DYNAMIC=dynamic,
+        BITS=bits, DYNAMIC=dynamic,
         num_warps=4,
     )

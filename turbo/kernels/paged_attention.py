@@ -43,7 +43,7 @@ import triton.language as tl
 
 from lmcompress.errors import LmcError
 from lmcompress.turbo.kernels import MAGIC_BITS, sm_count
-from lmcompress.turbo.kernels.kv_write import supports
+from lmcompress.turbo.kernels.kv_write import pool_kind, supports
 from lmcompress.turbo.kv_cache import LayerKVCache, QuantKVPool
 
 __all__ = ["DecodeLaunch", "decode_launch", "paged_decode_attention", "paged_prefill_attention", "supports"]
@@ -423,16 +423,14 @@ def _slot_stride(cache: LayerKVCache) -> int:
 def _kv_args(cache: LayerKVCache) -> tuple[list, dict]:
     """Pool tensors (None where a kind has none) and the constexprs describing them."""
     keys, values = cache.keys, cache.values
-    quantized = isinstance(keys, QuantKVPool)
-    dynamic = quantized and keys.meta is not None
-    static = quantized and not dynamic
+    bits, dynamic, static = pool_kind(cache)
     tensors = [
         keys.data, values.data,
         keys.meta if dynamic else None, values.meta if dynamic else None,
         keys.static_scale if static else None, values.static_scale if static else None,
         values.static_zero if static else None,
     ]
-    kinds = {"BITS": keys.bits if quantized else 0, "DYNAMIC": dynamic, "STATIC": static}
+    kinds = {"BITS": bits, "DYNAMIC": dynamic, "STATIC": static}
     return tensors, kinds
 
 
