@@ -8,7 +8,7 @@ quant() { name=$1; shift; timeout 120 lmc quantize tests/assets/ref-llama /tmp/r
 quant rtn --method rtn
 quant awq --method awq
 quant gptq --method gptq
-quant awq_no_range_search --method awq --no-range-search
+quant awq_range_search --method awq --range-search
 quant gptq_no_range_search --method gptq --no-range-search
 quant gptq_act_order --method gptq --act-order
 step "quantize"
