@@ -38,13 +38,12 @@ def gemv_configs(quick: bool) -> list[TileConfig]:
 
 
 def tile_configs(m: int) -> list[TileConfig]:
-    bm = 16 if m <= 16 else 64
+    bm = max(16, 1 << (m - 1).bit_length())  # M rounded up to a power of two, at least 16
     out = []
-    for bn, warps in ((64, 4), (128, 4), (256, 8)):
-        for stages in (3, 4):
+    for bn, warps in ((64, 4), (128, 4), (128, 8), (256, 8)):
+        for stages in (2, 3, 4):
             for pps in (2, 4):
-                for bk in (64, 128):
-                    out.append(TileConfig(bm, bn, warps, stages, pps, bk))
+                out.append(TileConfig(bm, bn, warps, stages, pps))
     return out
 
 
@@ -61,6 +60,22 @@ def kernel_stats() -> dict:
             stats[key] = {"regs": getattr(kernel, "n_regs", None), "spills": getattr(kernel, "n_spills", None),
                           "shared": meta.shared}
     return stats
+
+
+def best_config_per_m(rows: list[dict]) -> dict[int, tuple[str, float, float]]:
+    """Per M, the config with the least time summed over all shapes (configs that failed on any shape are
+    out): (config, summed us, summed bf16 us).  This is how the M-bucket table is chosen."""
+    totals: dict[tuple[int, str], list[float]] = {}
+    for row in rows:
+        if "us" in row:
+            totals.setdefault((row["m"], row["config"]), []).append((row["us"], row["bf16_us"]))
+    best: dict[int, tuple[str, float, float]] = {}
+    for (m, config), times in totals.items():
+        if len(times) == len(SHAPES):
+            us, bf16_us = sum(t for t, _ in times), sum(b for _, b in times)
+            if m not in best or us < best[m][1]:
+                best[m] = (config, us, bf16_us)
+    return best
 
 
 def main() -> None:
@@ -106,6 +121,8 @@ def main() -> None:
     for key, row in best.items():
         print(f"best {key}: {row['us']:.2f} us, roof {100 * row['roofline_share']:.1f}%, "
               f"{row['vs_bf16']:.2f}x bf16, {row['config']}")
+    for m, (config, us, bf16_us) in best_config_per_m(rows).items():
+        print(f"best config M={m}: {us:.2f} us over the {len(SHAPES)} shapes ({bf16_us / us:.2f}x bf16), {config}")
     with open(args.out, "w") as f:
         json.dump({"copy_gbps": copy_gbps, "rows": rows, "best": best, "kernels": kernel_stats()}, f, indent=1)
 

@@ -22,9 +22,11 @@ One kernel, two inner loops, picked per M bucket (M_BUCKETS):
     packed >> 16), so one LOP and one FMA with x * 2**(75 - 4p) add x * q * 2**-74 per weight: no
     shifts, no int-to-float conversions (quarter-rate or slower on sm_90).  A plane's zero and scale
     apply once to its sum: s * (sum x q - z * sum x).
-  * Tiles (block_m >= 16), tensor cores.  Each K step dequantizes a whole [block_k (64 or 128), BN] weight
-    tile, gathered from the block's 16 packed rows (channel c is nibble c // 16 of row c % 16), exactly as
-    the reference does ((q - z) * s in float32, rounded once to x's dtype), for one tl.dot with K = block_k.
+  * Tiles (block_m >= 16), tensor cores.  A block's 16 packed rows are loaded once; each code plane is a
+    [16, BN] weight, one tl.dot step of K = 16 against 16 contiguous columns of x, so nothing is gathered.
+    The weight enters the dot as the exact integer q - z (one LOP and one FMA from the masked nibble, as in
+    the GEMV), and the group's scale multiplies its float32 sum once.  (Gathering whole [64, BN] tiles from
+    the 16 rows, as before run L, took 13.6 instructions a weight against 6.6 now.)
 Both split K over programs when the output tiles alone would leave SMs idle: each split stores its float32
 partial tile to a per-device workspace [splits, M, N], and the splits are summed in a fixed order (then the
 bias added and the cast done) in one of two ways, both deterministic and CUDA-graph safe:
@@ -144,26 +146,27 @@ def w4a16_reference(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = No
 class TileConfig:
     """Launch parameters of one M bucket.  block_m == 1 selects the GEMV loop (one activation row per
     program; block_n a multiple of 32 * num_warps so that each thread holds whole columns), block_m >= 16
-    the tensor-core tiles, which dequantize a [block_k, block_n] weight tile (block_k 64 or 128) for each
-    tl.dot.  K is split over programs until about programs_per_sm programs per SM run."""
+    the tensor-core tiles (one tl.dot of K = 16 per code plane).  K is split over programs until about
+    programs_per_sm programs per SM run."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
     programs_per_sm: int
-    block_k: int = 128
 
 
 # H200 (132 SMs), one per M bucket: the configs with the least summed time over the four Llama-2-7B linears in
-# tests/gpu/w4a16_sweep.py (run H, docs/perf-notes.md).  At M = 1 two columns per thread (block_n = 64 *
-# num_warps) beat four: 171 registers at four left room for only 8 warps per SM (Nsight Compute, run H).  Without a config, M >= DEQUANT_GEMM_MIN_M runs
-# dequantize + cuBLAS instead (the last bucket then only serves CUDA-graph capture and explicit configs).
+# tests/gpu/w4a16_sweep.py (M = 1: run H; tiles: run L; docs/perf-notes.md).  At M = 1 two columns per thread
+# (block_n = 64 * num_warps) beat four: 171 registers at four left room for only 8 warps per SM (Nsight
+# Compute, run H).  Without a config, M >= DEQUANT_GEMM_MIN_M runs dequantize + cuBLAS instead (the last
+# bucket then only serves CUDA-graph capture and explicit configs).
 M_BUCKETS: tuple[tuple[int, TileConfig], ...] = (
     (1, TileConfig(block_m=1, block_n=128, num_warps=2, num_stages=1, programs_per_sm=8)),
-    (16, TileConfig(block_m=16, block_n=64, num_warps=4, num_stages=3, programs_per_sm=4, block_k=64)),
-    (64, TileConfig(block_m=64, block_n=128, num_warps=4, num_stages=3, programs_per_sm=4, block_k=64)),
-    (2**62, TileConfig(block_m=128, block_n=128, num_warps=8, num_stages=2, programs_per_sm=1, block_k=64)),
+    (16, TileConfig(block_m=16, block_n=128, num_warps=4, num_stages=3, programs_per_sm=4)),
+    (32, TileConfig(block_m=32, block_n=128, num_warps=8, num_stages=2, programs_per_sm=4)),
+    (64, TileConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, programs_per_sm=4)),
+    (2**62, TileConfig(block_m=128, block_n=128, num_warps=8, num_stages=2, programs_per_sm=1)),
 )
 # From this many rows on, dequantizing W once into a scratch buffer and calling cuBLAS beats the fused
 # tiles (as vLLM does for AWQ): the dequant is memory-bound and the GEMM runs at bf16 tensor-core speed.
@@ -174,6 +177,7 @@ SPLIT_WORKSPACE_FLOATS = 1 << 22
 MAX_SPLITS = 64
 MAX_SPLIT_TILES = 1 << 16  # arrival counters per device: output tiles of one split GEMV launch
 REDUCE_BLOCK = 1024  # output elements per program of the tiles' split-K reduction
+SPLIT_CHUNK = tl.constexpr(16)  # partials the GEMV's last split loads at once (read by the kernel)
 DEQUANT_BLOCK_N = 256  # output columns per program of the dequantization kernel
 
 
@@ -222,7 +226,7 @@ def _launch(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None, out: torch.
         x, w.qweight, w.scales, w.zeros, bias if bias is not None else out, out, workspace, counters,
         m, n, blocks, blocks_per_split, splits, x.stride(0), out.stride(0), MAGIC_BITS,
         GROUP=w.group_size, HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, SPLIT=splits > 1, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        SPLIT=splits > 1, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if splits > 1 and config.block_m > 1:
@@ -353,43 +357,46 @@ def _gemv_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, pid_m, offs_n, n_ma
 
 
 @triton.jit
-def _tile_group_params(scales_ptr, zeros_ptr, step, channels, offs_n, n_mask, N, GROUP: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-    """Scales and zeros (float32) of the BLOCK_K channels of K step `step`: [1, BN] when one group holds them
-    all (GROUP >= BLOCK_K), else gathered per channel, [BK, BN] (repeated rows hit L1)."""
-    if GROUP >= BLOCK_K:
-        index = ((step * BLOCK_K) // GROUP) * N + offs_n[None, :]
-    else:
-        index = (channels // GROUP)[:, None] * N + offs_n[None, :]
-    scale = tl.load(scales_ptr + index, mask=n_mask[None, :], other=0.0).to(tl.float32)
-    zero = tl.load(zeros_ptr + index, mask=n_mask[None, :], other=0).to(tl.float32)
-    return scale, zero
+def _plane_weight(half, zero, magic, P: tl.constexpr):
+    """[16, BN] float32 q - z of the code plane at bits 4P..4P+3 of `half`, exactly, in one LOP3 and one FFMA:
+    the code masked in place and OR-ed into 2**23's mantissa reads as 2**23 + q * 16**P (< 2**24), and
+    times 16**-P minus (2**(23 - 4P) + z) that is q - z."""
+    shifted = ((half & (0xF << (4 * P))) | magic).to(tl.float32, bitcast=True)
+    return shifted * (2.0 ** (-4 * P)) - (zero + 2.0 ** (23 - 4 * P))
 
 
 @triton.jit
 def _tile_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, offs_m, m_mask, offs_n, n_mask, N, block_start,
-                  block_end, stride_xm, magic, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  block_end, stride_xm, magic, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
     """[BM, BN] float32: x[offs_m] times the dequantized W over blocks [block_start, block_end).
 
-    Each step dequantizes a whole [BK, BN] weight tile for one tl.dot with K = BK (tensor cores want K
-    >= 64).  Channel c of a block is nibble c // 16 of its packed row c % 16, so the tile is a gather of
-    the block's 16 rows (the repeated rows hit L1) shifted per channel.  (q - z) * s is computed in
-    float32 and rounded once to x's dtype, exactly as the reference; q - z as (2**23 + q) - (2**23 + z).
+    A block's 16 packed rows are loaded once ([16, BN] int32, coalesced along N).  Code plane J (nibble J
+    of those rows) is the [16, BN] weight of channels 16J..16J+15, one tl.dot step of K = 16 against x's
+    matching 16 columns, so the tile needs no gather.  The weight enters the dot as the exact integer
+    q - z in x's dtype (_plane_weight; |q - z| <= 15), the group's partial sum is accumulated in float32,
+    and its scale is applied once: s * sum_k x_k (q_k - z).  Reading the planes as one [128, BN] tile
+    (a reshape of [8, 16, BN] or its transpose) made Triton shuffle it through shared memory one
+    half-word at a time (2x the instructions); Hopper's wgmma at block_m = 64 fences every K = 16 step.
     """
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    k = tl.arange(0, BLOCK_K)
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + k[None, :]
-    for step in range(block_start * (128 // BLOCK_K), block_end * (128 // BLOCK_K)):
-        channels = step * BLOCK_K + k  # [BK] packed input channels
-        rows = (channels // 128) * 16 + channels % 16
-        packed = tl.load(qweight_ptr + rows[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
-        # 2**23 + q (MAGIC_BITS): no int-to-float conversion
-        code = (((packed >> (4 * ((channels % 128) // 16))[:, None]) & 0xF) | magic).to(tl.float32, bitcast=True)
-        scale, zero = _tile_group_params(scales_ptr, zeros_ptr, step, channels, offs_n, n_mask, N, GROUP, BLOCK_K)
-        zero += 8388608.0  # 2**23 + z, so code - zero is q - z exactly
-        x = tl.load(x_rows + step * BLOCK_K, mask=m_mask[:, None], other=0.0)  # [BM, BK]
-        acc = tl.dot(x, ((code - zero) * scale).to(x.dtype), acc, input_precision=DOT_PRECISION)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + tl.arange(0, 16)[None, :]
+    dtype = x_ptr.dtype.element_ty
+    for block in range(block_start, block_end):
+        packed = _load_block(qweight_ptr, block, offs_n, n_mask[None, :], N).to(tl.uint32, bitcast=True)
+        for group in tl.static_range(128 // GROUP):
+            scale, zero = _plane_params(scales_ptr, zeros_ptr, block, offs_n, n_mask, N, group * (GROUP // 16),
+                                        GROUP)
+            zero = zero.to(tl.float32)[None, :]
+            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for plane in tl.static_range(GROUP // 16):
+                if group * (GROUP // 16) + plane == 4:
+                    packed = packed >> 16  # codes 4..7 to bits 0..15, where masking them keeps them exact
+                weight = _plane_weight(packed, zero, magic, (group * (GROUP // 16) + plane) % 4).to(dtype)
+                x = tl.load(x_rows + block * 128 + 16 * (group * (GROUP // 16) + plane), mask=m_mask[:, None],
+                            other=0.0)  # [BM, 16]
+                part = tl.dot(x, weight, part, input_precision=DOT_PRECISION)
+            acc += scale[None, :] * part
     return acc
 
 
@@ -397,7 +404,7 @@ def _tile_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, offs_m, m_mask, off
 def _w4a16_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, workspace_ptr, counters_ptr,
                   M, N, NUM_BLOCKS, BLOCKS_PER_SPLIT, SPLITS, stride_xm, stride_om, magic,
                   GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Program (m, n, s) computes output tile (m, n) over K split s; grid (cdiv(M, BM), cdiv(N, BN), splits).
     Split launches store the float32 partial to workspace [s, M, N]; for the GEMV the last split of a tile sums
     them, for tiles _split_reduce_kernel does."""
@@ -412,14 +419,14 @@ def _w4a16_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, 
                             block_end, stride_xm, GROUP, BLOCK_N)
     else:
         acc = _tile_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, offs_m, m_mask, offs_n, n_mask, N,
-                            block_start, block_end, stride_xm, magic, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, DOT_PRECISION)
+                            block_start, block_end, stride_xm, magic, BLOCK_M, BLOCK_N, GROUP, DOT_PRECISION)
     mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT and BLOCK_M > 1:
         partial = workspace_ptr + pid_k.to(tl.int64) * M * N + offs_m[:, None] * N + offs_n[None, :]
         tl.store(partial, acc, mask=mask)
     elif SPLIT:
-        acc, last = _reduce_splits(acc, workspace_ptr, counters_ptr, pid_m, pid_n, pid_k, offs_m, offs_n, mask, M, N,
-                                   SPLITS)
+        acc, last = _reduce_splits(acc, workspace_ptr, counters_ptr, pid_m, pid_n, pid_k, offs_n, n_mask, M, N,
+                                   SPLITS, SPLIT_CHUNK)
         if last:
             _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, n_mask, mask, stride_om, HAS_BIAS)
     else:
@@ -436,25 +443,31 @@ def _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, n_mask, mask, stride_om,
 
 
 @triton.jit
-def _reduce_splits(acc, workspace_ptr, counters_ptr, pid_m, pid_n, pid_k, offs_m, offs_n, mask, M, N, SPLITS):
-    """Store this split's partial [BM, BN] and count it in at the tile's counter.  Returns (sum of all partials
-    in split order, True) to the split that arrives last, which also resets the counter; (zeros, False) to
-    the others.
+def _reduce_splits(acc, workspace_ptr, counters_ptr, pid_m, pid_n, pid_k, offs_n, n_mask, M, N, SPLITS,
+                   SPLIT_CHUNK: tl.constexpr):
+    """Store this split's partial [1, BN] of row pid_m and count it in at the tile's counter.  Returns (sum
+    of all partials, True) to the split that arrives last, which also resets the counter; (zeros, False) to
+    the others.  The sum loads SPLIT_CHUNK partials at once, so the tail waits for about one L2 round trip
+    per chunk rather than per split; its order is fixed, so the result is deterministic.
 
     The arrival is CUTLASS's semaphore: a CTA barrier orders every thread's partial store before one release
     atomic; its acquire (the result is broadcast through a barrier) orders the last split's loads after every
     other split's stores, and .cg loads skip this SM's L1.
     """
     tile_stride = M * N
-    slot = workspace_ptr + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(slot + pid_k.to(tl.int64) * tile_stride, acc, mask=mask)
+    slot = workspace_ptr + pid_m * N + offs_n  # [BN]
+    tl.store(slot[None, :] + pid_k.to(tl.int64) * tile_stride, acc, mask=n_mask[None, :])
     tl.debug_barrier()
     counter = counters_ptr + pid_m * tl.num_programs(1) + pid_n
     last = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLITS - 1
     total = tl.zeros_like(acc)
     if last:
-        for split in range(SPLITS):
-            total += tl.load(slot + split * tile_stride, mask=mask, other=0.0, cache_modifier=".cg")
+        for first in range(0, SPLITS, SPLIT_CHUNK):
+            splits = first + tl.arange(0, SPLIT_CHUNK)
+            partials = slot[None, :] + splits.to(tl.int64)[:, None] * tile_stride  # [SPLIT_CHUNK, BN]
+            chunk = tl.load(partials, mask=(splits < SPLITS)[:, None] & n_mask[None, :], other=0.0,
+                            cache_modifier=".cg")
+            total += tl.sum(chunk, axis=0)[None, :]
         tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
     return total, last
 

