@@ -41,9 +41,9 @@ def tile_configs(m: int) -> list[TileConfig]:
     bm = max(16, 1 << (m - 1).bit_length())  # M rounded up to a power of two, at least 16
     out = []
     for bn, warps in ((64, 4), (128, 4), (128, 8), (256, 8)):
-        for stages in (2, 3, 4):
-            for pps in (2, 4):
-                out.append(TileConfig(bm, bn, warps, stages, pps))
+        for pps in (2, 4):
+            for scale_in_weight in (False, True):
+                out.append(TileConfig(bm, bn, warps, 3, pps, scale_in_weight))
     return out
 
 

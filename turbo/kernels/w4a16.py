@@ -22,11 +22,12 @@ One kernel, two inner loops, picked per M bucket (M_BUCKETS):
     packed >> 16), so one LOP and one FMA with x * 2**(75 - 4p) add x * q * 2**-74 per weight: no
     shifts, no int-to-float conversions (quarter-rate or slower on sm_90).  A plane's zero and scale
     apply once to its sum: s * (sum x q - z * sum x).
-  * Tiles (block_m >= 16), tensor cores.  A block's 16 packed rows are loaded once; each code plane is a
-    [16, BN] weight, one tl.dot step of K = 16 against 16 contiguous columns of x, so nothing is gathered.
-    The weight enters the dot as the exact integer q - z (one LOP and one FMA from the masked nibble, as in
-    the GEMV), and the group's scale multiplies its float32 sum once.  (Gathering whole [64, BN] tiles from
-    the 16 rows, as before run L, took 13.6 instructions a weight against 6.6 now.)
+  * Tiles (block_m >= 16), tensor cores, computing out^T = W^T x^T so the dequantized weight is wgmma's
+    register operand.  A block's 16 packed rows are loaded once; each code plane is one dot step of
+    K = 16 against 16 contiguous columns of x, so nothing is gathered.  The weight is the exact integer
+    q - z (one LOP and one FMA from the masked nibble), scaled before the dot or after the group's float32
+    sum (TileConfig.scale_in_weight).  (Gathering whole [64, BN] tiles from the 16 rows, as before run L,
+    took 13.6 instructions a weight against 6-7 now.)
 Both split K over programs when the output tiles alone would leave SMs idle: each split stores its float32
 partial tile to a per-device workspace [splits, M, N], and the splits are summed in a fixed order (then the
 bias added and the cast done) in one of two ways, both deterministic and CUDA-graph safe:
@@ -146,27 +147,28 @@ def w4a16_reference(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = No
 class TileConfig:
     """Launch parameters of one M bucket.  block_m == 1 selects the GEMV loop (one activation row per
     program; block_n a multiple of 32 * num_warps so that each thread holds whole columns), block_m >= 16
-    the tensor-core tiles (one tl.dot of K = 16 per code plane).  K is split over programs until about
-    programs_per_sm programs per SM run."""
+    the tensor-core tiles (one tl.dot of K = 16 per code plane; scale_in_weight: see _tile_partial).  K is
+    split over programs until about programs_per_sm programs per SM run."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
     programs_per_sm: int
+    scale_in_weight: bool = False
 
 
 # H200 (132 SMs), one per M bucket: the configs with the least summed time over the four Llama-2-7B linears in
-# tests/gpu/w4a16_sweep.py (M = 1: run H; tiles: run L; docs/perf-notes.md).  At M = 1 two columns per thread
+# tests/gpu/w4a16_sweep.py (M = 1: run H; tiles: run L3; docs/perf-notes.md).  At M = 1 two columns per thread
 # (block_n = 64 * num_warps) beat four: 171 registers at four left room for only 8 warps per SM (Nsight
 # Compute, run H).  Without a config, M >= DEQUANT_GEMM_MIN_M runs dequantize + cuBLAS instead (the last
 # bucket then only serves CUDA-graph capture and explicit configs).
 M_BUCKETS: tuple[tuple[int, TileConfig], ...] = (
     (1, TileConfig(block_m=1, block_n=128, num_warps=2, num_stages=1, programs_per_sm=8)),
     (16, TileConfig(block_m=16, block_n=128, num_warps=4, num_stages=3, programs_per_sm=4)),
-    (32, TileConfig(block_m=32, block_n=128, num_warps=8, num_stages=2, programs_per_sm=4)),
-    (64, TileConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, programs_per_sm=4)),
-    (2**62, TileConfig(block_m=128, block_n=128, num_warps=8, num_stages=2, programs_per_sm=1)),
+    (32, TileConfig(block_m=32, block_n=128, num_warps=4, num_stages=3, programs_per_sm=4, scale_in_weight=True)),
+    (64, TileConfig(block_m=64, block_n=128, num_warps=8, num_stages=3, programs_per_sm=4, scale_in_weight=True)),
+    (2**62, TileConfig(block_m=128, block_n=128, num_warps=8, num_stages=2, programs_per_sm=1, scale_in_weight=True)),
 )
 # From this many rows on, dequantizing W once into a scratch buffer and calling cuBLAS beats the fused
 # tiles (as vLLM does for AWQ): the dequant is memory-bound and the GEMM runs at bf16 tensor-core speed.
@@ -226,7 +228,7 @@ def _launch(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None, out: torch.
         x, w.qweight, w.scales, w.zeros, bias if bias is not None else out, out, workspace, counters,
         m, n, blocks, blocks_per_split, splits, x.stride(0), out.stride(0), MAGIC_BITS,
         GROUP=w.group_size, HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        SPLIT=splits > 1, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        SPLIT=splits > 1, SCALE_IN_WEIGHT=config.scale_in_weight, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if splits > 1 and config.block_m > 1:
@@ -358,7 +360,8 @@ def _gemv_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, pid_m, offs_n, n_ma
 
 @triton.jit
 def _plane_weight(half, zero, magic, P: tl.constexpr):
-    """[16, BN] float32 q - z of the code plane at bits 4P..4P+3 of `half`, exactly, in one LOP3 and one FFMA:
+    """Float32 q - z of the code plane at bits 4P..4P+3 of `half` (int32, any shape), exactly, in one LOP3 and
+    one FFMA:
     the code masked in place and OR-ed into 2**23's mantissa reads as 2**23 + q * 16**P (< 2**24), and
     times 16**-P minus (2**(23 - 4P) + z) that is q - z."""
     shifted = ((half & (0xF << (4 * P))) | magic).to(tl.float32, bitcast=True)
@@ -368,43 +371,55 @@ def _plane_weight(half, zero, magic, P: tl.constexpr):
 @triton.jit
 def _tile_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, offs_m, m_mask, offs_n, n_mask, N, block_start,
                   block_end, stride_xm, magic, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, SCALE_IN_WEIGHT: tl.constexpr):
     """[BM, BN] float32: x[offs_m] times the dequantized W over blocks [block_start, block_end).
 
-    A block's 16 packed rows are loaded once ([16, BN] int32, coalesced along N).  Code plane J (nibble J
-    of those rows) is the [16, BN] weight of channels 16J..16J+15, one tl.dot step of K = 16 against x's
-    matching 16 columns, so the tile needs no gather.  The weight enters the dot as the exact integer
-    q - z in x's dtype (_plane_weight; |q - z| <= 15), the group's partial sum is accumulated in float32,
-    and its scale is applied once: s * sum_k x_k (q_k - z).  Reading the planes as one [128, BN] tile
-    (a reshape of [8, 16, BN] or its transpose) made Triton shuffle it through shared memory one
-    half-word at a time (2x the instructions); Hopper's wgmma at block_m = 64 fences every K = 16 step.
+    Computed transposed, out^T [BN, BM] = W^T x^T, so that the dequantized weight is the left operand of
+    Hopper's wgmma, which takes it from registers (x, the right one, comes from shared memory), and M from
+    16 up is a valid wgmma N: with x on the left, M < 64 fell back to mma.sync and M = 64 staged every
+    dequantized plane through shared memory with a fence (run L2: 1.1-1.2x faster at M = 16-32).
+    A block's 16 packed rows are loaded once ([BN, 16] int32).  Code plane J (nibble J of those rows) is
+    the weight of channels 16J..16J+15, one dot step of K = 16 against x's matching 16 columns, so nothing
+    is gathered.  The weight is the exact integer q - z (_plane_weight; |q - z| <= 15) and either
+      * the group's float32 partial is scaled once (s * sum_k x_k (q_k - z); SCALE_IN_WEIGHT False), or
+      * (q - z) * s is rounded to x's dtype first, as the reference does, and every dot accumulates into
+        one accumulator (True): one multiply more per weight, one [BN, BM] float32 tile fewer, which at
+        block_m >= 32 buys the occupancy that wins (run L3: 1.15x at M = 32-64).
+    Reading the planes as one [128, BN] tile (a reshape of [8, 16, BN] or its transpose) made Triton move
+    it through shared memory one half-word at a time (2x the instructions).
     """
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + tl.arange(0, 16)[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # out^T: the weight is the dot's left operand
+    x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + tl.arange(0, 16)[:, None]  # [16, BM]
     dtype = x_ptr.dtype.element_ty
     for block in range(block_start, block_end):
-        packed = _load_block(qweight_ptr, block, offs_n, n_mask[None, :], N).to(tl.uint32, bitcast=True)
+        rows = block * 16 + tl.arange(0, 16)
+        packed = tl.load(qweight_ptr + rows[None, :] * N + offs_n[:, None], mask=n_mask[:, None], other=0)
+        packed = packed.to(tl.uint32, bitcast=True)  # [BN, 16]
         for group in tl.static_range(128 // GROUP):
             scale, zero = _plane_params(scales_ptr, zeros_ptr, block, offs_n, n_mask, N, group * (GROUP // 16),
                                         GROUP)
-            zero = zero.to(tl.float32)[None, :]
-            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            zero, scale = zero.to(tl.float32)[:, None], scale[:, None]
+            part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
             for plane in tl.static_range(GROUP // 16):
                 if group * (GROUP // 16) + plane == 4:
                     packed = packed >> 16  # codes 4..7 to bits 0..15, where masking them keeps them exact
-                weight = _plane_weight(packed, zero, magic, (group * (GROUP // 16) + plane) % 4).to(dtype)
-                x = tl.load(x_rows + block * 128 + 16 * (group * (GROUP // 16) + plane), mask=m_mask[:, None],
-                            other=0.0)  # [BM, 16]
-                part = tl.dot(x, weight, part, input_precision=DOT_PRECISION)
-            acc += scale[None, :] * part
-    return acc
+                weight = _plane_weight(packed, zero, magic, (group * (GROUP // 16) + plane) % 4)
+                x = tl.load(x_cols + block * 128 + 16 * (group * (GROUP // 16) + plane), mask=m_mask[None, :],
+                            other=0.0)  # [16, BM]
+                if SCALE_IN_WEIGHT:
+                    acc = tl.dot((weight * scale).to(dtype), x, acc, input_precision=DOT_PRECISION)
+                else:
+                    part = tl.dot(weight.to(dtype), x, part, input_precision=DOT_PRECISION)
+            if not SCALE_IN_WEIGHT:
+                acc += scale * part
+    return tl.trans(acc)
 
 
 @triton.jit(do_not_specialize=["M"])
 def _w4a16_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, workspace_ptr, counters_ptr,
                   M, N, NUM_BLOCKS, BLOCKS_PER_SPLIT, SPLITS, stride_xm, stride_om, magic,
                   GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALE_IN_WEIGHT: tl.constexpr):
     """Program (m, n, s) computes output tile (m, n) over K split s; grid (cdiv(M, BM), cdiv(N, BN), splits).
     Split launches store the float32 partial to workspace [s, M, N]; for the GEMV the last split of a tile sums
     them, for tiles _split_reduce_kernel does."""
@@ -419,7 +434,8 @@ def _w4a16_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, 
                             block_end, stride_xm, GROUP, BLOCK_N)
     else:
         acc = _tile_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, offs_m, m_mask, offs_n, n_mask, N,
-                            block_start, block_end, stride_xm, magic, BLOCK_M, BLOCK_N, GROUP, DOT_PRECISION)
+                            block_start, block_end, stride_xm, magic, BLOCK_M, BLOCK_N, GROUP, DOT_PRECISION,
+                            SCALE_IN_WEIGHT)
     mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT and BLOCK_M > 1:
         partial = workspace_ptr + pid_k.to(tl.int64) * M * N + offs_m[:, None] * N + offs_n[None, :]

@@ -111,7 +111,7 @@ INTERPRETED = textwrap.dedent("""
     from lmcompress.turbo.kernels.w4a16 import PackedW4, TileConfig, w4a16_matmul, w4a16_reference
     from test_w4a16_kernel import random_qtensor, relative_error
     # (config, M, K, group size, dtype, act-order): the GEMV, the tiles with each group size (1, 2 or 4
-    # groups a block), split (programs_per_sm 64 on the interpreter's one "SM": two-pass reduction) and not,
+    # groups a block) and the scale applied after or before the dot, split (programs_per_sm 64 on the interpreter's one "SM": two-pass reduction) and not,
     # a partial last N tile, K padded to 128, act-order, and (config None, M >= 256) dequantize + matmul.  No bf16: the interpreter truncates float32 -> bf16 and its tl.dot
     # mishandles bf16 operands.
     cases = [(TileConfig(1, 32, 1, 1, 64), 2, 256, 64, torch.float16, False),
@@ -121,6 +121,7 @@ INTERPRETED = textwrap.dedent("""
              (TileConfig(16, 32, 4, 1, 64), 3, 256, 128, torch.float16, False),
              (TileConfig(16, 32, 4, 1, 64), 17, 384, 32, torch.float16, False),
              (TileConfig(16, 32, 4, 1, 64), 5, 256, 64, torch.float32, False),
+             (TileConfig(16, 32, 4, 1, 64, scale_in_weight=True), 17, 384, 32, torch.float16, True),
              (None, 256, 160, 32, torch.float32, True)]
     for config, m, k, group_size, dtype, act_order in cases:
         w = PackedW4.from_qtensor(random_qtensor(48, k, group_size, act_order), dtype)
@@ -180,7 +181,8 @@ def test_kernel_matches_reference_over_dtypes_and_group_sizes(dtype, group_size,
 @needs_cuda
 @pytest.mark.parametrize("config", [TileConfig(1, 512, 4, 1, 2), TileConfig(1, 256, 2, 1, 4),
                                     TileConfig(16, 64, 4, 3, 3), TileConfig(16, 128, 4, 3, 3),
-                                    TileConfig(64, 128, 4, 3, 2), TileConfig(128, 128, 8, 2, 1)])
+                                    TileConfig(64, 128, 4, 3, 2), TileConfig(64, 128, 8, 3, 4, True),
+                                    TileConfig(128, 128, 8, 2, 1, True)])
 def test_every_bucket_config_handles_odd_shapes(config):
     # act-order, K padded to 128 (in_features 160), a partial last N tile, M not a multiple of the tile
     w = PackedW4.from_qtensor(random_qtensor(200, 160, 32, act_order=True, device="cuda"), torch.float16)
