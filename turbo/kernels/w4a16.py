@@ -315,13 +315,14 @@ def _load_block(qweight_ptr, block, offs_n, mask, N):
 def _gemv_plane(x_row, half, block, J: tl.constexpr):
     """Code plane J of a block against its 16 channels of x: ([16, BN] x * q * 2**-74, [16, 1] x).
 
-    `half` holds the plane's nibble in its low 16 bits (packed for J < 4, packed >> 16 after).  The
-    nibble masked where it sits reads as the float32 denormal q * 2**(4p - 149) (p = J % 4), so
-    x * 2**(75 - 4p) times it is x * q * 2**-74, exactly rounded.
+    `half` holds the plane's nibble at bits 4P..4P+3, P = J for J < 6 (packed), J - 4 for 6 and 7 (packed
+    >> 16): below bit 24, the float32 exponent.  The nibble masked where it sits reads as the float32
+    denormal q * 2**(4P - 149), so x * 2**(75 - 4P) times it is x * q * 2**-74, exactly rounded.
     """
+    P: tl.constexpr = J - 4 * (J // 6)
     x = tl.load(x_row + block * 128 + 16 * J).to(tl.float32)[:, None]
-    q = (half & (0xF << (4 * (J % 4)))).to(tl.float32, bitcast=True)
-    return (x * (2.0 ** (75 - 4 * (J % 4)))) * q, x
+    q = (half & (0xF << (4 * P))).to(tl.float32, bitcast=True)
+    return (x * (2.0 ** (75 - 4 * P))) * q, x
 
 
 @triton.jit
@@ -329,9 +330,10 @@ def _gemv_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, pid_m, offs_n, n_ma
                   stride_xm, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
     """[1, BN] float32: row pid_m of x times the dequantized W over blocks [block_start, block_end).
 
-    With BN = 128 * num_warps each thread holds whole columns of the [16, BN] blocks, so the sums over
-    rows stay in registers.  The next block's load is issued before this block's math to keep two blocks
-    of weights in flight per thread.  Exact for |x| < 2**52 (x * 2**75 must stay finite).
+    The sums over the 16 rows are taken once per group.  Planes 0-5 are masked where they sit (bits 0-23);
+    6 and 7 from packed >> 16 (bits 8-15), since bits 24 up are the exponent.  The next block's load is
+    issued before this block's math to keep two blocks of weights in flight per thread.  Exact for
+    |x| < 2**52 (x * 2**75 must stay finite).
     """
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm + tl.arange(0, 16)
@@ -343,8 +345,8 @@ def _gemv_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, pid_m, offs_n, n_ma
             x_dot_q = tl.zeros([16, BLOCK_N], dtype=tl.float32)  # units of 2**-74
             x_sum = tl.zeros([16, 1], dtype=tl.float32)
             for plane in tl.static_range(GROUP // 16):
-                if group * (GROUP // 16) + plane == 4:
-                    # Shift in place once planes 0-3 are done: a separate high half would hold another
+                if group * (GROUP // 16) + plane == 6:
+                    # Shift in place once planes 0-5 are done: a separate high half would hold another
                     # [16, BN] int32 in registers while two blocks are in flight.
                     packed = packed >> 16
                 x_q, x = _gemv_plane(x_row, packed, block, group * (GROUP // 16) + plane)
