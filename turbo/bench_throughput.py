@@ -236,7 +236,7 @@ def drive(engine: LLMEngine, prompts: list[list[int]], output_len: int, concurre
         while len(traces) < len(prompts) or engine.has_unfinished():
             while in_flight < concurrency and len(traces) < len(prompts):
                 prompt = prompts[len(traces)]
-                engine.add_request(str(len(traces)), prompt, params)
+                engine.add_request(str(len(traces)), prompt, params, stream_text=False)  # text unread
                 traces.append(RequestTrace(len(prompt), time.perf_counter()))
                 in_flight += 1
             step_start = time.perf_counter()

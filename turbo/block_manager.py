@@ -111,6 +111,8 @@ class BlockManager:
         prefix.num_tokens.  Returns False, changing nothing, when the free blocks
         do not suffice.
         """
+        if prefix is None and (seq.num_computed_tokens + num_new_tokens) <= len(seq.block_table) * self.block_size:
+            return True  # the common decode step: the last block still has room
         shared = prefix.block_ids if prefix else ()
         computed = prefix.num_tokens if prefix else seq.num_computed_tokens
         num_new_blocks = max(self.blocks_for(computed + num_new_tokens) - len(seq.block_table) - len(shared), 0)

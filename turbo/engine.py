@@ -24,7 +24,6 @@ from collections import abc
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lmcompress.errors import LmcError
@@ -92,7 +91,8 @@ class _Choice:
     index: int
     seq: Sequence
     stop: StopChecker
-    generator: torch.Generator | None  # the request's own random stream when seeded
+    # The sampler's view of seq, built once: it holds seq's own output list, which grows in place.
+    sampling_row: SamplingRow
     new_token_ids: list[int] = field(default_factory=list)
     new_text: list[str] = field(default_factory=list)
     new_logprobs: list[TokenLogprobs] = field(default_factory=list)
@@ -130,11 +130,20 @@ class _Request:
     prompt_token_ids: tuple[int, ...]
     choices: list[_Choice]
 
+    def take_output(self) -> RequestOutput | None:
+        """What the request's choices produced since its last output; None when nothing did."""
+        news = tuple([choice.take_output() for choice in self.choices if choice.has_news])
+        if not news:
+            return None
+        finished = all([choice.reported_final for choice in self.choices])
+        return RequestOutput(self.request_id, self.prompt_token_ids, news, finished, self.usage())
+
     def usage(self) -> Usage:
+        seqs = [choice.seq for choice in self.choices]  # lists, not generators: this runs per request per step
         return Usage(
             prompt_tokens=len(self.prompt_token_ids),
-            completion_tokens=sum(c.seq.num_output_tokens for c in self.choices),
-            cached_tokens=min(c.seq.num_cached_tokens for c in self.choices),
+            completion_tokens=sum([seq.num_output_tokens for seq in seqs]),
+            cached_tokens=min([seq.num_cached_tokens for seq in seqs]),
         )
 
 
@@ -180,8 +189,13 @@ class LLMEngine:
 
     # --- requests -------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
+                    stream_text: bool = True) -> None:
         """Queue a request; its outputs come from later step() calls.
+
+        stream_text=False: a caller that reads the text only once the request is done
+        (LLM.generate, benchmarks) gets it all in the last output, decoded once, while
+        earlier outputs carry token ids and "" (stop strings still decode every step).
 
         Bad input (duplicate id, out-of-vocabulary token ids) raises LmcError.  A
         prompt too long to serve is accepted and finishes with an error output.
@@ -190,7 +204,7 @@ class LLMEngine:
             raise LmcError(f"request id {request_id!r} is already in flight; give every request a unique id")
         prompt_ids = self._prompt_token_ids(prompt)
         params = params or SamplingParams()
-        choices = [self._new_choice(i, prompt_ids, params) for i in range(params.n)]
+        choices = [self._new_choice(i, prompt_ids, params, stream_text) for i in range(params.n)]
         self._requests[request_id] = _Request(request_id, prompt_ids, choices)
         self._prompt_tokens += len(prompt_ids)
         for choice in choices:
@@ -226,7 +240,8 @@ class LLMEngine:
             )
         return ids
 
-    def _new_choice(self, index: int, prompt_ids: tuple[int, ...], params: SamplingParams) -> _Choice:
+    def _new_choice(self, index: int, prompt_ids: tuple[int, ...], params: SamplingParams,
+                    stream_text: bool) -> _Choice:
         params = params.for_choice(index) if params.n > 1 else params
         # Stop at max_model_len through max_tokens, so the StopChecker flushes held-back text then too.
         room = self.model_runner.max_model_len - len(prompt_ids)
@@ -234,8 +249,8 @@ class LLMEngine:
             params = dataclasses.replace(params, max_tokens=room)
         seq = Sequence(str(next(self._seq_ids)), prompt_ids, params)
         generator = None if params.seed is None or params.is_greedy else self.sampler.request_generator(params.seed)
-        stop = StopChecker(params, self.tokenizer, prompt_ids, self.eos_token_ids)
-        return _Choice(index, seq, stop, generator)
+        stop = StopChecker(params, self.tokenizer, prompt_ids, self.eos_token_ids, stream_text)
+        return _Choice(index, seq, stop, SamplingRow(params, seq.prompt_token_ids, seq.output_token_ids, generator))
 
     # --- the step -------------------------------------------------------------------------------
 
@@ -262,7 +277,8 @@ class LLMEngine:
                 for item in items
             ])
             logits = self.model_runner.forward(batch)  # [len(sampling), vocab]
-            sampled = self.sampler(logits, [self._sampling_row(seq) for seq in sampling]) if sampling else None
+            rows = [self._choice_of[seq].sampling_row for seq in sampling]
+            sampled = self.sampler(logits, rows) if sampling else None
         except Exception as exc:  # fail this step's requests, keep serving the others
             logger.exception("turbo: forward pass failed; failing the %d requests of this step", len(items))
             message = f"the model failed on this step ({type(exc).__name__}: {exc}); retry the request"
@@ -278,10 +294,6 @@ class LLMEngine:
         )
         for seq in updated:
             self._postprocess(seq, logprobs[seq])
-
-    def _sampling_row(self, seq: Sequence) -> SamplingRow:
-        return SamplingRow(seq.sampling_params, seq.prompt_token_ids, seq.output_token_ids,
-                           self._choice_of[seq].generator)
 
     def _postprocess(self, seq: Sequence, logprobs: TokenLogprobs | None) -> None:
         choice = self._choice_of[seq]
@@ -302,13 +314,11 @@ class LLMEngine:
     def _collect_outputs(self) -> list[RequestOutput]:
         outputs = []
         for request in list(self._requests.values()):
-            news = [choice.take_output() for choice in request.choices if choice.has_news]
-            if not news:
+            output = request.take_output()
+            if output is None:
                 continue
-            finished = all(choice.reported_final for choice in request.choices)
-            outputs.append(RequestOutput(request.request_id, request.prompt_token_ids, tuple(news), finished,
-                                         request.usage()))
-            if finished:
+            outputs.append(output)
+            if output.finished:
                 del self._requests[request.request_id]
         return outputs
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Literal
 
+import numpy as np
 import torch
 
 from lmcompress.errors import LmcError
@@ -22,9 +23,12 @@ from lmcompress.errors import LmcError
 # next one), every token (perplexity, prompt logprobs), or none (a mid-prompt chunk).
 LogitsMode = Literal["last", "all", "none"]
 LOGITS_MODES = ("last", "all", "none")
+# Segments of a packed buffer start at multiples of 4 elements: 16 bytes of int32, 32 of int64.
+_ALIGN_ELEMENTS = 4
 
 
-@dataclass(frozen=True)
+# Built per sequence per step: slotted and unfrozen, a quarter of a frozen dataclass's construction time.
+@dataclass(slots=True)
 class SeqInput:
     """One sequence's share of a forward pass."""
 
@@ -78,42 +82,96 @@ class ForwardBatch:
     def build(cls, seqs: Sequence[SeqInput], block_size: int, device: str | torch.device = "cpu") -> ForwardBatch:
         if not seqs:
             raise LmcError("a forward batch needs at least one sequence; schedule a request before calling forward")
-        for index, seq in enumerate(seqs):
-            _check_seq(index, seq, block_size)
-        input_ids, positions, slots, logits_indices, logit_counts = [], [], [], [], []
-        for seq in seqs:
-            first_row = len(input_ids)
-            seq_positions = range(seq.start, seq.start + len(seq.token_ids))
-            input_ids.extend(seq.token_ids)
-            positions.extend(seq_positions)
-            slots.extend(seq.block_table[p // block_size] * block_size + p % block_size for p in seq_positions)
-            rows = _logit_rows(seq.logits, first_row, len(input_ids))
-            logits_indices.extend(rows)
-            logit_counts.append(len(rows))
-        max_blocks = max(len(seq.block_table) for seq in seqs)
-        tables = [list(seq.block_table) + [0] * (max_blocks - len(seq.block_table)) for seq in seqs]
-
-        def long(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=device)
-
-        def int32(values: Sequence[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int32, device=device)
-
         query_lens = tuple(len(seq.token_ids) for seq in seqs)
+        if not _all_valid(seqs, query_lens, block_size):
+            for index, seq in enumerate(seqs):
+                _check_seq(index, seq, block_size)
+        decode = all(n == 1 and seq.logits == "last" for seq, n in zip(seqs, query_lens))
+        rows = _decode_rows(seqs, block_size) if decode else _token_rows(seqs, block_size)
         return cls(
-            input_ids=long(input_ids),
-            positions=long(positions),
-            slot_mapping=long(slots),
-            block_tables=int32(tables),
-            logits_indices=long(logits_indices),
+            **_device_tensors(seqs, query_lens, rows, device),
             query_lens=query_lens,
             num_computed=tuple(seq.start for seq in seqs),
-            logit_counts=tuple(logit_counts),
+            logit_counts=rows.logit_counts,
             block_size=block_size,
-            seq_lens=int32([seq.start + n for seq, n in zip(seqs, query_lens)]),
-            query_start=int32([0, *accumulate(query_lens)]),
             max_query_len=max(query_lens),
         )
+
+
+@dataclass
+class _TokenRows:
+    """The per-token lists of a batch (length T each) and its logits rows."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    logits_indices: list[int]
+    logit_counts: tuple[int, ...]  # [B] logits rows per sequence
+
+
+def _token_rows(seqs: Sequence[SeqInput], block_size: int) -> _TokenRows:
+    """Any mix of prompt chunks and decodes."""
+    input_ids, positions, slots, logits_indices, logit_counts = [], [], [], [], []
+    for seq in seqs:
+        first_row = len(input_ids)
+        seq_positions = range(seq.start, seq.start + len(seq.token_ids))
+        input_ids.extend(seq.token_ids)
+        positions.extend(seq_positions)
+        slots.extend(seq.block_table[p // block_size] * block_size + p % block_size for p in seq_positions)
+        rows = _logit_rows(seq.logits, first_row, len(input_ids))
+        logits_indices.extend(rows)
+        logit_counts.append(len(rows))
+    return _TokenRows(input_ids, positions, slots, logits_indices, tuple(logit_counts))
+
+
+def _decode_rows(seqs: Sequence[SeqInput], block_size: int) -> _TokenRows:
+    """The steady state, one new token per sequence with its logits: _token_rows in one pass per list."""
+    positions = [seq.start for seq in seqs]
+    return _TokenRows(
+        input_ids=[seq.token_ids[0] for seq in seqs],
+        positions=positions,
+        slots=[seq.block_table[p // block_size] * block_size + p % block_size for seq, p in zip(seqs, positions)],
+        logits_indices=list(range(len(seqs))),
+        logit_counts=(1,) * len(seqs),
+    )
+
+
+def _device_tensors(seqs: Sequence[SeqInput], query_lens: Sequence[int], rows: _TokenRows,
+                    device: str | torch.device) -> dict[str, torch.Tensor]:
+    """The batch's tensors, as views of one int64 and one int32 buffer: two host-to-device copies
+    however many sequences (on CUDA every torch.tensor(..., device=) is a blocking copy of its own)."""
+    width = max(len(seq.block_table) for seq in seqs)
+    input_ids, positions, slots, logits_indices = _packed(
+        [rows.input_ids, rows.positions, rows.slots, rows.logits_indices], np.int64, device)
+    seq_lens = [seq.start + n for seq, n in zip(seqs, query_lens)]
+    tables, seq_lens_tensor, query_start = _packed(
+        [_padded_tables(seqs, width), seq_lens, [0, *accumulate(query_lens)]], np.int32, device)
+    return dict(input_ids=input_ids, positions=positions, slot_mapping=slots, logits_indices=logits_indices,
+                block_tables=tables.view(len(seqs), width), seq_lens=seq_lens_tensor, query_start=query_start)
+
+
+def _packed(segments: list[list[int]], dtype: type[np.integer], device: str | torch.device) -> list[torch.Tensor]:
+    """Each segment as a 1-D tensor on `device`, all views of one buffer built through numpy (a third of
+    torch.tensor(list)'s time) and copied at once.  Views start on 16-byte boundaries, where Triton's
+    pointer specialisation wants them."""
+    flat: list[int] = []
+    bounds = []
+    for values in segments:
+        start = len(flat)
+        flat += values
+        flat += [0] * (-len(flat) % _ALIGN_ELEMENTS)
+        bounds.append((start, start + len(values)))
+    buffer = torch.from_numpy(np.array(flat, dtype=dtype)).to(device)
+    return [buffer[start:end] for start, end in bounds]
+
+
+def _padded_tables(seqs: Sequence[SeqInput], width: int) -> list[int]:
+    """Every block table padded with 0 to `width` entries, flattened row by row."""
+    flat: list[int] = []
+    for seq in seqs:
+        flat += seq.block_table
+        flat += [0] * (width - len(seq.block_table))
+    return flat
 
 
 def _logit_rows(mode: LogitsMode, first: int, end: int) -> range:
@@ -122,6 +180,14 @@ def _logit_rows(mode: LogitsMode, first: int, end: int) -> range:
     if mode == "last":
         return range(end - 1, end)
     return range(0)
+
+
+def _all_valid(seqs: Sequence[SeqInput], query_lens: Sequence[int], block_size: int) -> bool:
+    """Whether every sequence passes _check_seq, in one expression: no call per sequence on a good batch."""
+    return all(
+        n > 0 and seq.start >= 0 and seq.logits in LOGITS_MODES and len(seq.block_table) * block_size >= seq.start + n
+        for seq, n in zip(seqs, query_lens)
+    )
 
 
 def _check_seq(index: int, seq: SeqInput, block_size: int) -> None:

@@ -43,7 +43,8 @@ class LLM:
         ids = [f"llm-{next(self._request_ids)}" for _ in prompts]
         try:
             for request_id, prompt, request_params in zip(ids, prompts, params):
-                self.engine.add_request(request_id, prompt, request_params)
+                # Only whole completions are returned: decode each one's text once, at its end.
+                self.engine.add_request(request_id, prompt, request_params, stream_text=False)
         except LmcError:
             for request_id in ids:  # the prompts before the bad one were queued already
                 self.engine.abort(request_id)

@@ -8,14 +8,16 @@ from lmcompress.turbo.sampler import TokenLogprobs
 from lmcompress.turbo.sequence import FinishReason
 
 
-@dataclass(frozen=True)
+# Built per request per step: slotted, unfrozen dataclasses take a third of a frozen one's construction time
+# (measured 0.17 ms a step at 64 requests). The engine never changes an output once returned.
+@dataclass(slots=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int  # over all choices
     cached_tokens: int  # prompt tokens whose K/V came from the prefix cache (fewest over the choices)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CompletionOutput:
     """One choice of a request.
 
@@ -42,7 +44,7 @@ class CompletionOutput:
                        logprobs=logprobs)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RequestOutput:
     """One request's news from one engine step: only the choices that changed, by index."""
 

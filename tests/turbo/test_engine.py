@@ -3,6 +3,7 @@ sampling, n choices, abort, unservable requests and failures that stay with thei
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -165,6 +166,48 @@ def test_seeded_request_samples_the_same_alone_and_batched():
     batched = run_to_end(engine, outputs)["seeded"].outputs[0]
     assert batched.token_ids == alone.token_ids and batched.text == alone.text
     assert [lp.logprob for lp in batched.logprobs] == pytest.approx([lp.logprob for lp in alone.logprobs], abs=1e-4)
+
+
+def test_repetition_penalty_sees_every_new_output_token_like_transformers(llm):
+    """The engine builds each request's sampler row once; the penalty must still see the outputs of every step."""
+    from transformers import AutoModelForCausalLM
+
+    prompts = [[0, 5, 6, 7, 8], list(range(40, 52))]
+    penalised = SamplingParams(temperature=0, repetition_penalty=1.8, max_tokens=16, ignore_eos=True)
+    ours = [out.outputs[0].token_ids for out in llm.generate(prompts, penalised)]
+    model = AutoModelForCausalLM.from_pretrained(REFERENCE_MODEL_DIR, dtype=torch.float32)
+    for prompt, tokens in zip(prompts, ours):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16,
+                                      do_sample=False, repetition_penalty=1.8)
+        assert list(tokens) == expected[0, len(prompt):].tolist()
+    plain = [out.outputs[0].token_ids for out in llm.generate(prompts, dataclasses.replace(penalised,
+                                                                                           repetition_penalty=1.0))]
+    assert plain != ours, "the penalty should change these outputs"
+
+
+def test_text_decoded_at_the_end_matches_the_streamed_outputs(llm):
+    engine = llm.engine
+    params = [GREEDY, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=24, stop=[" the"])]  # stop strings stream regardless
+    prompts = ["And the king said unto", "Grub, n.", "In the beginning"]
+    finals, early_text = {}, {}
+    for stream_text in (True, False):
+        outputs: dict[str, RequestOutput] = {}
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            engine.add_request(f"{stream_text}-{i}", prompt, p, stream_text=stream_text)
+        early_text[stream_text] = ""
+        while engine.has_unfinished():
+            for out in engine.step():
+                if not out.finished and not out.request_id.endswith("-2"):
+                    early_text[stream_text] += out.outputs[0].text
+                earlier = outputs.get(out.request_id)
+                outputs[out.request_id] = earlier.extended(out) if earlier else out
+        finals[stream_text] = [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason)
+                               for _, o in sorted(outputs.items())]
+    assert finals[False] == finals[True]
+    assert early_text[True] and not early_text[False]
 
 
 def test_n_choices_are_the_single_requests_of_for_choice(llm):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -38,6 +40,34 @@ def test_a_decode_step_has_max_query_len_one():
     batch = ForwardBatch.build([SeqInput([4], 6, [0, 1]), SeqInput([5], 0, [2])], block_size=4)
     assert batch.max_query_len == 1
     assert batch.seq_lens.tolist() == [7, 1] and batch.query_start.tolist() == [0, 1, 2]
+
+
+def test_a_decode_batch_packs_like_the_same_rows_in_a_mixed_batch():
+    """Pure decode batches take a shortcut; one prompt chunk at the end sends the same rows the general way."""
+    rng = random.Random(0)
+    decodes = []
+    for _ in range(20):
+        start = rng.randrange(40)
+        table = rng.sample(range(100), start // 4 + 1 + rng.randrange(2))  # covers start + 1, sometimes a spare block
+        decodes.append(SeqInput([rng.randrange(1000)], start, table))
+    width = max(len(seq.block_table) for seq in decodes)
+    fast = ForwardBatch.build(decodes, block_size=4)
+    mixed = ForwardBatch.build([*decodes, SeqInput([1, 2, 3], 0, [7])], block_size=4)
+    n = len(decodes)
+    for name in ("input_ids", "positions", "slot_mapping", "logits_indices", "seq_lens"):
+        assert getattr(fast, name).tolist() == getattr(mixed, name)[:n].tolist(), name
+    assert fast.block_tables.tolist() == mixed.block_tables[:n, :width].tolist()
+    assert fast.query_start.tolist() == mixed.query_start[: n + 1].tolist()
+    assert (fast.query_lens, fast.num_computed, fast.logit_counts) == (
+        mixed.query_lens[:n], mixed.num_computed[:n], mixed.logit_counts[:n])
+    assert fast.max_query_len == 1 and mixed.max_query_len == 3
+
+
+def test_batch_tensors_start_16_byte_aligned():
+    """They share two buffers; Triton specialises kernels on pointers aligned to 16 bytes."""
+    batch = ForwardBatch.build([SeqInput([1, 2, 3], 0, [5]), SeqInput([4], 6, [1, 2], "all")], block_size=4)
+    for name in ("input_ids", "positions", "slot_mapping", "logits_indices", "block_tables", "seq_lens", "query_start"):
+        assert getattr(batch, name).data_ptr() % 16 == 0, name
 
 
 @pytest.mark.parametrize(

@@ -215,6 +215,22 @@ def test_logprobs_are_the_raw_log_softmax_of_the_logits():
     assert out.logprobs[2] is None
 
 
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(min_p=0.05), SamplingParams(top_k=20), SamplingParams(top_p=0.9), SamplingParams(temperature=0.7),
+     SamplingParams(temperature=1.5, repetition_penalty=1.4)],
+    ids=["min_p", "top_k", "top_p", "temperature", "penalty"],
+)
+def test_float32_logits_are_not_copied_up_front_yet_left_untouched(params):
+    """Each stage in turn is the first to see the caller's float32 logits; none may write into them."""
+    logits = random_logits(3, 200, seed=6)
+    original = logits.clone()
+    rows = [SamplingRow(params, (1, 2, 3)), SamplingRow(SamplingParams(temperature=0)),
+            SamplingRow(SamplingParams(logprobs=2))]
+    Sampler(seed=0)(logits, rows)
+    assert torch.equal(logits, original)
+
+
 def test_seeded_row_without_generator_is_a_caller_bug():
     with pytest.raises(ValueError, match="no generator"):
         Sampler()(torch.zeros(1, 10), [SamplingRow(SamplingParams(seed=3))])

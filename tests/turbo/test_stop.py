@@ -208,6 +208,39 @@ def test_flush_releases_held_text_of_a_sequence_ended_elsewhere(byte_level):
     assert streamed + checker.flush() == checker.output_text == byte_level.decode(ids)
 
 
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_text_decoded_once_at_the_end_equals_the_stream(byte_level, metaspace, skip_special_tokens):
+    rng = random.Random(1)
+    for tokenizer in (byte_level, metaspace):
+        for _ in range(100):
+            prompt = encode(tokenizer, rng.choice(SENTENCES))
+            outputs = [rng.randrange(len(tokenizer)) for _ in range(rng.randrange(1, 60))]
+            params = dict(max_tokens=len(outputs), skip_special_tokens=skip_special_tokens)
+            streamed = run(StopChecker(SamplingParams(**params), tokenizer, prompt, [1]), outputs)
+            deferred = StopChecker(SamplingParams(**params), tokenizer, prompt, [1], stream_text=False)
+            once = run(deferred, outputs)
+            assert [d.text for d in once[:-1]] == [""] * (len(once) - 1)
+            assert once[-1].text == "".join(d.text for d in streamed) == deferred.output_text, outputs
+            ends = [[(d.finish_reason, d.stop_reason) for d in deltas] for deltas in (once, streamed)]
+            assert ends[0] == ends[1]
+
+
+def test_text_without_a_stream_still_honours_stop_tokens_and_strings(byte_level):
+    ids = encode(byte_level, "Hi there") + [byte_level.eos_token_id] + encode(byte_level, " more")
+    for include in (False, True):
+        checker = StopChecker(SamplingParams(skip_special_tokens=False, include_stop_str_in_output=include),
+                              byte_level, encode(byte_level, "Say: "), [byte_level.eos_token_id], stream_text=False)
+        deltas = run(checker, ids)
+        assert deltas[-1].text == checker.output_text == ("Hi there</s>" if include else "Hi there")
+    # A stop string needs the text of every step, so it streams regardless.
+    text = "Hello world. END of it"
+    checker = StopChecker(SamplingParams(stop=["END"], max_tokens=100), byte_level, encode(byte_level, "Say: "),
+                          stream_text=False)
+    deltas = run(checker, per_character_ids(byte_level, text))
+    assert deltas[-1].stop_reason == "END" and deltas[0].text == "H"
+    assert "".join(d.text for d in deltas) == checker.output_text == "Hello world. "
+
+
 def test_feeding_a_finished_sequence_is_a_caller_bug(byte_level):
     checker = make_checker(byte_level, max_tokens=1)
     assert checker.append(encode(byte_level, "Hi")[0]).finish_reason is FinishReason.LENGTH
