@@ -18,8 +18,8 @@ Channels K..K'-1 (only when 128 does not divide K) have scale 0, and x is zero-p
 
 One kernel, two inner loops, picked per M bucket (M_BUCKETS):
   * GEMV (block_m == 1, used for M == 1), CUDA cores.  A nibble masked where it sits, read as a float32, is the
-    denormal q * 2**(4p - 149) (p = its position 0..3 in the low half-word; codes 4..7 come from
-    packed >> 16), so one LOP and one FMA with x * 2**(75 - 4p) add x * q * 2**-74 per weight: no
+    denormal q * 2**(4p - 149) (p = its nibble position, 0..5 below the exponent; codes 6 and 7 come
+    from packed >> 16), so one LOP and one FMA with x * 2**(75 - 4p) add x * q * 2**-74 per weight: no
     shifts, no int-to-float conversions (quarter-rate or slower on sm_90).  A plane's zero and scale
     apply once to its sum: s * (sum x q - z * sum x).
   * Tiles (block_m >= 16), tensor cores, computing out^T = W^T x^T so the dequantized weight is wgmma's
