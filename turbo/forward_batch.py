@@ -82,10 +82,9 @@ class ForwardBatch:
     def build(cls, seqs: Sequence[SeqInput], block_size: int, device: str | torch.device = "cpu") -> ForwardBatch:
         if not seqs:
             raise LmcError("a forward batch needs at least one sequence; schedule a request before calling forward")
+        for index, seq in enumerate(seqs):
+            _check_seq(index, seq, block_size)
         query_lens = tuple(len(seq.token_ids) for seq in seqs)
-        if not _all_valid(seqs, query_lens, block_size):
-            for index, seq in enumerate(seqs):
-                _check_seq(index, seq, block_size)
         decode = all(n == 1 and seq.logits == "last" for seq, n in zip(seqs, query_lens))
         rows = _decode_rows(seqs, block_size) if decode else _token_rows(seqs, block_size)
         return cls(
@@ -180,14 +179,6 @@ def _logit_rows(mode: LogitsMode, first: int, end: int) -> range:
     if mode == "last":
         return range(end - 1, end)
     return range(0)
-
-
-def _all_valid(seqs: Sequence[SeqInput], query_lens: Sequence[int], block_size: int) -> bool:
-    """Whether every sequence passes _check_seq, in one expression: no call per sequence on a good batch."""
-    return all(
-        n > 0 and seq.start >= 0 and seq.logits in LOGITS_MODES and len(seq.block_table) * block_size >= seq.start + n
-        for seq, n in zip(seqs, query_lens)
-    )
 
 
 def _check_seq(index: int, seq: SeqInput, block_size: int) -> None:
