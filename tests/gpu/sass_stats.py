@@ -5,7 +5,8 @@ Instructions per weight = the main loop's count / the weights one thread handles
     python3 tests/gpu/sass_stats.py BLOCK_M BLOCK_N NUM_WARPS NUM_STAGES [--group 128] [--dtype fp16]
 
 (how docs/perf-notes.md's per-weight instruction counts were made; the GPU's triton may schedule a little
-differently.)
+differently.)  Constexprs the kernel does not take are dropped, so the script also compiles older versions of
+the kernel checked out with their tree, given their extra constexprs through --constexpr.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ BIN = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")
 def compile_sm90(args: argparse.Namespace) -> bytes:
     constexprs = {"GROUP": args.group, "HAS_BIAS": False, "BLOCK_M": args.block_m, "BLOCK_N": args.block_n,
                   "SPLIT": True, "DOT_PRECISION": "tf32", "SCALE_IN_WEIGHT": args.scale_in_weight}
+    constexprs.update((name, int(value)) for name, value in (item.split("=") for item in args.constexpr))
+    constexprs = {name: value for name, value in constexprs.items() if name in w4a16._w4a16_kernel.arg_names}
     signature = {name: kind.format(dtype=args.dtype) for name, kind in SIGNATURE.items()}
     signature.update({name: "constexpr" for name in constexprs})
     names = list(signature)
@@ -67,6 +70,8 @@ def main() -> None:
         parser.add_argument(name, type=int)
     parser.add_argument("--group", type=int, default=128)
     parser.add_argument("--scale-in-weight", action="store_true")
+    parser.add_argument("--constexpr", nargs="*", default=[], metavar="NAME=INT",
+                        help="more integer constexprs, for older versions of the kernel (e.g. BLOCK_K=64 before run L)")
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     args = parser.parse_args()
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
