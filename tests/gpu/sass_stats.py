@@ -38,7 +38,8 @@ BIN = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")
 
 def compile_sm90(args: argparse.Namespace) -> bytes:
     constexprs = {"GROUP": args.group, "HAS_BIAS": False, "BLOCK_M": args.block_m, "BLOCK_N": args.block_n,
-                  "SPLIT": True, "DOT_PRECISION": "tf32", "SCALE_IN_WEIGHT": args.scale_in_weight}
+                  "SPLIT": True, "DOT_PRECISION": "tf32", "SCALE_IN_WEIGHT": args.scale_in_weight,
+                  "ASM": not args.no_asm}
     constexprs.update((name, int(value)) for name, value in (item.split("=") for item in args.constexpr))
     constexprs = {name: value for name, value in constexprs.items() if name in w4a16._w4a16_kernel.arg_names}
     signature = {name: kind.format(dtype=args.dtype) for name, kind in SIGNATURE.items()}
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--scale-in-weight", action="store_true")
     parser.add_argument("--constexpr", nargs="*", default=[], metavar="NAME=INT",
                         help="more integer constexprs, for older versions of the kernel (e.g. BLOCK_K=64 before run L)")
+    parser.add_argument("--no-asm", action="store_true", help="the interpreter's float32 dequantization")
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     args = parser.parse_args()
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
@@ -83,7 +85,7 @@ def main() -> None:
                               check=True).stdout
     print("registers / thread:", re.search(r"REG:(\d+)", usage).group(1))
     for counts in loops(sass):
-        print(f"loop of {sum(counts.values())} instructions:", dict(counts.most_common(12)))
+        print(f"loop of {sum(counts.values())} instructions:", dict(counts.most_common(24)))
 
 
 if __name__ == "__main__":

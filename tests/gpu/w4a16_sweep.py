@@ -40,7 +40,7 @@ def gemv_configs(quick: bool) -> list[TileConfig]:
 def tile_configs(m: int) -> list[TileConfig]:
     bm = max(16, 1 << (m - 1).bit_length())  # M rounded up to a power of two, at least 16
     out = []
-    for bn, warps in ((64, 4), (128, 4), (128, 8), (256, 8)):
+    for bn, warps in ((64, 4), (128, 4), (128, 8), (256, 4), (256, 8)):
         for pps in (2, 4):
             for scale_in_weight in (False, True):
                 out.append(TileConfig(bm, bn, warps, 3, pps, scale_in_weight))
@@ -82,7 +82,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--m", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--quick", action="store_true", help="fewer M = 1 configs")
+    parser.add_argument("--quick", action="store_true", help="fewer M = 1 GEMV configs")
+    parser.add_argument("--no-gemv", action="store_true", help="M = 1: only the tensor-core tiles (block_m 16)")
     parser.add_argument("--defaults", action="store_true", help="only the M-bucket table's configs")
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -98,7 +99,7 @@ def main() -> None:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             bf16_us = graph_us([lambda d=d: F.linear(x, d) for d in dense], REPLAYS)
             roof_us = w4_bytes / (copy_gbps * 1e3)
-            configs = [None] + ([] if args.defaults else gemv_configs(args.quick) if m == 1 else tile_configs(m))
+            configs = [None] + ([] if args.defaults else tile_configs(m) + (gemv_configs(args.quick) if m == 1 and not args.no_gemv else []))
             for config in configs:
                 try:
                     us = graph_us([lambda w=w: w4a16_matmul(x, w, None, config) for w in copies], REPLAYS)

@@ -25,9 +25,11 @@ One kernel, two inner loops, picked per M bucket (M_BUCKETS):
   * Tiles (block_m >= 16), tensor cores, computing out^T = W^T x^T so the dequantized weight is wgmma's
     register operand.  A block's 16 packed rows are loaded once; each code plane is one dot step of
     K = 16 against 16 contiguous columns of x, so nothing is gathered.  The weight is the exact integer
-    q - z (one LOP and one FMA from the masked nibble), scaled before the dot or after the group's float32
-    sum (TileConfig.scale_in_weight).  (Gathering whole [64, BN] tiles from the 16 rows, as before run L,
-    took 13.6 instructions a weight against 6-7 now.)
+    q - z in x's dtype, two weights per register: on CUDA a few PTX instructions (_PAIR_ASM_*) make two code
+    planes of two packed rows at a time, in the interpreter float32 arithmetic (_plane_weight).  It is
+    scaled before the dot or after the group's float32 sum (TileConfig.scale_in_weight).  SASS loop counts
+    (tests/gpu/sass_stats.py, block_m 16): 13.6 instructions a weight gathering [64, BN] tiles (before run
+    L), 5.4 with float32 dequantization per plane (runs L-N), 3.1 with the PTX (run O).
 Both split K over programs when the output tiles alone would leave SMs idle: each split stores its float32
 partial tile to a per-device workspace [splits, M, N], and the splits are summed in a fixed order (then the
 bias added and the cast done) in one of two ways, both deterministic and CUDA-graph safe:
@@ -159,14 +161,15 @@ class TileConfig:
 
 
 # H200 (132 SMs), one per M bucket: the configs with the least summed time over the four Llama-2-7B linears in
-# tests/gpu/w4a16_sweep.py (M = 1: run H; tiles: run L3; docs/perf-notes.md).  At M = 1 two columns per thread
+# tests/gpu/w4a16_sweep.py (M = 1: run H; tiles: run O, where the GEMV still beat every block_m 16 tile at
+# M = 1; docs/perf-notes.md).  At M = 1 two columns per thread
 # (block_n = 64 * num_warps) beat four: 171 registers at four left room for only 8 warps per SM (Nsight
 # Compute, run H).  Without a config, M >= DEQUANT_GEMM_MIN_M runs dequantize + cuBLAS instead (the last
 # bucket then only serves CUDA-graph capture and explicit configs).
 M_BUCKETS: tuple[tuple[int, TileConfig], ...] = (
     (1, TileConfig(block_m=1, block_n=128, num_warps=2, num_stages=1, programs_per_sm=8)),
     (16, TileConfig(block_m=16, block_n=128, num_warps=4, num_stages=3, programs_per_sm=4)),
-    (32, TileConfig(block_m=32, block_n=128, num_warps=4, num_stages=3, programs_per_sm=4, scale_in_weight=True)),
+    (32, TileConfig(block_m=32, block_n=128, num_warps=8, num_stages=3, programs_per_sm=4, scale_in_weight=True)),
     (64, TileConfig(block_m=64, block_n=128, num_warps=8, num_stages=3, programs_per_sm=4, scale_in_weight=True)),
     (2**62, TileConfig(block_m=128, block_n=128, num_warps=8, num_stages=2, programs_per_sm=1, scale_in_weight=True)),
 )
@@ -229,6 +232,7 @@ def _launch(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None, out: torch.
         m, n, blocks, blocks_per_split, splits, x.stride(0), out.stride(0), MAGIC_BITS,
         GROUP=w.group_size, HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         SPLIT=splits > 1, SCALE_IN_WEIGHT=config.scale_in_weight, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        ASM=x.is_cuda and x.dtype != torch.float32,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if splits > 1 and config.block_m > 1:
@@ -370,10 +374,63 @@ def _plane_weight(half, zero, magic, P: tl.constexpr):
     return shifted * (2.0 ** (-4 * P)) - (zero + 2.0 ** (23 - 4 * P))
 
 
+# Code planes 2i and 2i + 1 of two packed rows r, r + 1 (a, b) as half2 / bfloat162 q - z, in PTX (pack=2:
+# each call gets two neighbouring elements; every output element depends on its own input only, so any
+# pairing Triton picks is correct, and the (r, r + 1) pairs it gives in wgmma's register-operand layout are
+# the pairs that operand holds).  prmt puts byte i of a and of b at bytes 0 and 2; one lop3 masks a nibble
+# into the mantissa of 1024 (fp16) or 128 (bf16) in both halves at once, and one fma removes that offset
+# and the zero, exactly: $0 = plane 2i, $1 = plane 2i + 1.  fp16 keeps the high nibble in place (1024 +
+# 16q, times 1/16); bf16's 7-bit mantissa takes it shifted down.
+_PAIR_ASM_FP16 = tl.constexpr("""{
+    .reg .b32 t, lo, hi, one, sixteenth;
+    prmt.b32 t, $2, $3, $6;
+    lop3.b32 lo, t, 0x000F000F, 0x64006400, 0xEA;
+    lop3.b32 hi, t, 0x00F000F0, 0x64006400, 0xEA;
+    mov.b32 one, 0x3C003C00;
+    mov.b32 sixteenth, 0x2C002C00;
+    fma.rn.f16x2 $0, lo, one, $4;
+    fma.rn.f16x2 $1, hi, sixteenth, $5;
+    }""")
+_PAIR_ASM_BF16 = tl.constexpr("""{
+    .reg .b32 t, lo, hi, one;
+    prmt.b32 t, $2, $3, $6;
+    lop3.b32 lo, t, 0x000F000F, 0x43004300, 0xEA;
+    shr.u32 hi, t, 4;
+    lop3.b32 hi, hi, 0x000F000F, 0x43004300, 0xEA;
+    mov.b32 one, 0x3F803F80;
+    fma.rn.bf16x2 $0, lo, one, $4;
+    fma.rn.bf16x2 $1, hi, one, $5;
+    }""")
+
+
+@triton.jit
+def _plane_pair(packed, zero, magic, BYTE: tl.constexpr, dtype: tl.constexpr, ASM: tl.constexpr):
+    """q - z in dtype, exactly, of code planes 2 * BYTE and 2 * BYTE + 1 of packed [BN, 16] (uint32; zero
+    [BN, 1] float32 codes).  ASM: the PTX above (CUDA); else float32 arithmetic (_plane_weight), which the
+    Triton interpreter runs."""
+    if ASM:
+        select = tl.full([1, 1], BYTE * 0x1111 + 0x4400, tl.uint32)  # prmt: byte BYTE of a to 0, of b to 2
+        if dtype == tl.float16:
+            low, high = tl.inline_asm_elementwise(
+                _PAIR_ASM_FP16, "=r,=r,r,r,r,r,r,r",
+                [packed, (-1024.0 - zero).to(tl.float16), (-64.0 - zero).to(tl.float16), select],
+                dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+        else:
+            low, high = tl.inline_asm_elementwise(
+                _PAIR_ASM_BF16, "=r,=r,r,r,r,r,r,r",
+                [packed, (-128.0 - zero).to(tl.bfloat16), (-128.0 - zero).to(tl.bfloat16), select],
+                dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+    else:
+        half = packed >> (16 * (BYTE // 2))
+        low = _plane_weight(half, zero, magic, (2 * BYTE) % 4).to(dtype)
+        high = _plane_weight(half, zero, magic, (2 * BYTE + 1) % 4).to(dtype)
+    return low, high
+
+
 @triton.jit
 def _tile_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, offs_m, m_mask, offs_n, n_mask, N, block_start,
                   block_end, stride_xm, magic, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, SCALE_IN_WEIGHT: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, SCALE_IN_WEIGHT: tl.constexpr, ASM: tl.constexpr):
     """[BM, BN] float32: x[offs_m] times the dequantized W over blocks [block_start, block_end).
 
     Computed transposed, out^T [BN, BM] = W^T x^T, so that the dequantized weight is the left operand of
@@ -382,7 +439,8 @@ def _tile_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, offs_m, m_mask, off
     dequantized plane through shared memory with a fence (run L2: 1.1-1.2x faster at M = 16-32).
     A block's 16 packed rows are loaded once ([BN, 16] int32).  Code plane J (nibble J of those rows) is
     the weight of channels 16J..16J+15, one dot step of K = 16 against x's matching 16 columns, so nothing
-    is gathered.  The weight is the exact integer q - z (_plane_weight; |q - z| <= 15) and either
+    is gathered.  The weight is the exact integer q - z in x's dtype (_plane_pair, two planes at a time) and
+    either
       * the group's float32 partial is scaled once (s * sum_k x_k (q_k - z); SCALE_IN_WEIGHT False), or
       * (q - z) * s is rounded to x's dtype first, as the reference does, and every dot accumulates into
         one accumulator (True): one multiply more per weight, one [BN, BM] float32 tile fewer, which at
@@ -402,16 +460,17 @@ def _tile_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, offs_m, m_mask, off
                                         GROUP)
             zero, scale = zero.to(tl.float32)[:, None], scale[:, None]
             part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            for plane in tl.static_range(GROUP // 16):
-                if group * (GROUP // 16) + plane == 4:
-                    packed = packed >> 16  # codes 4..7 to bits 0..15, where masking them keeps them exact
-                weight = _plane_weight(packed, zero, magic, (group * (GROUP // 16) + plane) % 4)
-                x = tl.load(x_cols + block * 128 + 16 * (group * (GROUP // 16) + plane), mask=m_mask[None, :],
-                            other=0.0)  # [16, BM]
-                if SCALE_IN_WEIGHT:
-                    acc = tl.dot((weight * scale).to(dtype), x, acc, input_precision=DOT_PRECISION)
-                else:
-                    part = tl.dot(weight.to(dtype), x, part, input_precision=DOT_PRECISION)
+            for pair in tl.static_range(GROUP // 32):
+                weights = _plane_pair(packed, zero, magic, group * (GROUP // 32) + pair, dtype, ASM)
+                for half in tl.static_range(2):
+                    plane = 2 * (group * (GROUP // 32) + pair) + half
+                    x = tl.load(x_cols + block * 128 + 16 * plane, mask=m_mask[None, :],
+                                other=0.0)  # [16, BM]
+                    if SCALE_IN_WEIGHT:
+                        weight = (weights[half].to(tl.float32) * scale).to(dtype)
+                        acc = tl.dot(weight, x, acc, input_precision=DOT_PRECISION)
+                    else:
+                        part = tl.dot(weights[half], x, part, input_precision=DOT_PRECISION)
             if not SCALE_IN_WEIGHT:
                 acc += scale * part
     return tl.trans(acc)
@@ -421,7 +480,7 @@ def _tile_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, offs_m, m_mask, off
 def _w4a16_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, workspace_ptr, counters_ptr,
                   M, N, NUM_BLOCKS, BLOCKS_PER_SPLIT, SPLITS, stride_xm, stride_om, magic,
                   GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALE_IN_WEIGHT: tl.constexpr):
+                  SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALE_IN_WEIGHT: tl.constexpr, ASM: tl.constexpr):
     """Program (m, n, s) computes output tile (m, n) over K split s; grid (cdiv(M, BM), cdiv(N, BN), splits).
     Split launches store the float32 partial to workspace [s, M, N]; for the GEMV the last split of a tile sums
     them, for tiles _split_reduce_kernel does."""
@@ -437,7 +496,7 @@ def _w4a16_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, 
     else:
         acc = _tile_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, offs_m, m_mask, offs_n, n_mask, N,
                             block_start, block_end, stride_xm, magic, BLOCK_M, BLOCK_N, GROUP, DOT_PRECISION,
-                            SCALE_IN_WEIGHT)
+                            SCALE_IN_WEIGHT, ASM)
     mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT and BLOCK_M > 1:
         partial = workspace_ptr + pid_k.to(tl.int64) * M * N + offs_m[:, None] * N + offs_n[None, :]

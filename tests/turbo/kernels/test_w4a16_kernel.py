@@ -192,6 +192,18 @@ def test_every_bucket_config_handles_odd_shapes(config):
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config", [TileConfig(16, 64, 4, 3, 1), TileConfig(64, 128, 8, 3, 1, True)],
+                         ids=["scale-after-dot", "scale-in-weight"])
+def test_tiles_dequantize_every_code_exactly(dtype, config):
+    # x = the identity: output row c is input channel c's dequantized weight.  The tiles' PTX turns each
+    # nibble into q - z exactly, so the rows must equal the reference's dequantized weights bit for bit.
+    w = PackedW4.from_qtensor(random_qtensor(64, 256, 32, device="cuda", seed=7), dtype)
+    x = torch.eye(256, device="cuda", dtype=dtype)
+    assert torch.equal(w4a16_matmul(x, w, None, config), w.dequantize(dtype).t())
+
+
+@needs_cuda
 def test_float32_activations_and_leading_dims():
     w = PackedW4.from_qtensor(random_qtensor(256, 512, 64, scale_dtype=torch.float32, device="cuda"), torch.float32)
     x = torch.randn(2, 5, 512, device="cuda")

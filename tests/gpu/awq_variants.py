@@ -1,0 +1,161 @@
+"""AWQ variants on the reference model, each quantized and scored on the whole held-out text (issue 2's
+table): the knobs behind the default that no CLI flag reaches, so the default's choice can be rerun.
+
+    python3 tests/gpu/awq_variants.py OUT.json [--device cuda] [--samples 128] [--only NAME ...]
+
+Each variant quantizes tests/assets/ref-llama with `lmc quantize`'s code (quantize_checkpoint, calib.txt,
+seed 42, 512-token samples) and evaluates it as `lmc eval ppl --max-length 1024 --stride 1024` does; the
+share of RTN's gap to fp closed is printed against fp and RTN from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import tempfile
+from functools import partial
+from unittest import mock
+
+import torch
+
+from lmcompress import arch
+from lmcompress.evaluate import evaluate_checkpoint
+from lmcompress.pipeline import QuantizeOptions, quantize_checkpoint
+from lmcompress.quant import awq
+
+MODEL = "tests/assets/ref-llama"
+CALIB = "tests/assets/ref-corpus/calib.txt"
+HELDOUT = "tests/assets/ref-corpus/heldout.txt"
+
+
+def clip_search(**fields) -> contextlib.AbstractContextManager:
+    return mock.patch.object(awq, "clip_linear", partial(awq.clip_linear, search=awq.ClipSearch(**fields)))
+
+
+def clip_tokens(count: int) -> contextlib.AbstractContextManager:
+    return mock.patch.object(awq, "CLIP_TOKENS", count)
+
+
+def clip_on_all_tokens(first_share: float | None = None) -> contextlib.AbstractContextManager:
+    """The clip search scored on every calibration token: a group's partial-output MSE is d^T G d, d the
+    group's weight error and G [group, group] the mean of x_g^T x_g over the tokens.  first_share: the first
+    token of every sample (the attention sink) gets that share of G, the others the rest."""
+
+    def search_clip(weight, x, cfg, search=awq.ClipSearch()):
+        out_features, in_features = weight.shape
+        groups = in_features // cfg.group_size
+        moments = _group_moments(x, groups, cfg.group_size)
+        if first_share is not None:
+            rest = _group_moments(x[:, 1:], groups, cfg.group_size)
+            moments = first_share * _group_moments(x[:, :1], groups, cfg.group_size) + (1 - first_share) * rest
+        w = weight.reshape(out_features, groups, cfg.group_size)
+        best_low, best_high = search.ranges(w, 1.0)
+        best_error = torch.full_like(best_low, math.inf)
+        for shrink in search.shrinks():
+            low, high = search.ranges(w, shrink)
+            d = (awq.fake_quantize_groups(torch.clamp(w, low, high), cfg) - w).transpose(0, 1)  # [groups, rows, group]
+            error = (torch.bmm(d, moments) * d).sum(dim=-1).T.unsqueeze(-1)
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best_low, best_high = torch.where(better, low, best_low), torch.where(better, high, best_high)
+        return best_low, best_high
+
+    return mock.patch.object(awq, "search_clip", search_clip)
+
+
+def _group_moments(x: torch.Tensor, groups: int, group_size: int) -> torch.Tensor:
+    """[groups, group, group]: the mean of x_g^T x_g over the tokens of x [n, seq, in]."""
+    moments = torch.zeros(groups, group_size, group_size, device=x.device)
+    for chunk in x.split(32):
+        grouped = chunk.reshape(-1, groups, group_size).transpose(0, 1).float()  # [groups, tokens, group]
+        moments.baddbmm_(grouped.transpose(1, 2), grouped)
+    return moments / (x.shape[0] * x.shape[1])
+
+
+def clip_without_first_token() -> contextlib.AbstractContextManager:
+    """The default clip search's 512 evenly spaced tokens, none of them a sample's first (with 128 samples of
+    512 tokens the default stride of 128 makes a quarter of its tokens first tokens)."""
+    search_clip = awq.search_clip
+    return mock.patch.object(awq, "search_clip", lambda weight, x, cfg, search=awq.ClipSearch():
+                             search_clip(weight, x[:, 1:], cfg, search))
+
+
+def scale_loss_first_share(first_share: float) -> contextlib.AbstractContextManager:
+    """The scale search's output MSE with the first token of every sample weighted to first_share of it."""
+
+    def output_mse(fn, x, reference):
+        first = rest = torch.zeros((), dtype=torch.float64, device=reference.device)
+        for x_chunk, ref_chunk in zip(x.split(32), reference.split(32)):
+            error = (fn(x_chunk) - ref_chunk).pow(2)
+            first, rest = first + error[:, :1].sum(dtype=torch.float64), rest + error[:, 1:].sum(dtype=torch.float64)
+        per_token = reference.numel() // (reference.shape[0] * reference.shape[1])
+        tokens = reference.shape[0] * reference.shape[1]
+        return (first_share * first / (reference.shape[0] * per_token)
+                + (1 - first_share) * rest / ((tokens - reference.shape[0]) * per_token)).item()
+
+    return mock.patch.object(awq, "_output_mse", output_mse)
+
+
+def first_token_share(share: float) -> contextlib.AbstractContextManager:
+    stack = contextlib.ExitStack()
+    stack.enter_context(scale_loss_first_share(share))
+    stack.enter_context(clip_on_all_tokens(share))
+    return stack
+
+
+def without_group(prev_op: str) -> contextlib.AbstractContextManager:
+    llama = arch.ARCHS["llama"]
+    groups = tuple(group for group in llama.scaling_groups if group.prev_op != prev_op)
+    return mock.patch.dict(arch.ARCHS, {"llama": dataclasses.replace(llama, scaling_groups=groups)})
+
+
+# name -> (method, method options, context that changes an internal knob)
+VARIANTS = {
+    "rtn": ("rtn", {}, contextlib.nullcontext),
+    "awq": ("awq", {}, contextlib.nullcontext),
+    "awq_clip_2048_tokens": ("awq", {}, partial(clip_tokens, 2048)),
+    "awq_clip_all_tokens": ("awq", {}, clip_on_all_tokens),
+    "awq_clip_no_first_token": ("awq", {}, clip_without_first_token),
+    "awq_clip_all_tokens_first_0.25": ("awq", {}, partial(clip_on_all_tokens, 0.25)),
+    "awq_scale_first_0.25": ("awq", {}, partial(scale_loss_first_share, 0.25)),
+    "awq_first_0.25": ("awq", {}, partial(first_token_share, 0.25)),
+    "awq_first_0.5": ("awq", {}, partial(first_token_share, 0.5)),
+    "awq_clip_shrink_0.5": ("awq", {}, partial(clip_search, max_shrink=0.5)),
+    "awq_clip_autoawq_grid": ("awq", {}, partial(clip_search, grid=20, max_shrink=0.5, absmax=True)),
+    "awq_no_up_down_scaling": ("awq", {}, partial(without_group, "mlp.up_proj")),
+    "awq_no_clip": ("awq", {"clip": False}, contextlib.nullcontext),
+    "gptq": ("gptq", {}, contextlib.nullcontext),
+}
+
+
+def perplexity(model_dir: str, device: str) -> float:
+    return evaluate_checkpoint(model_dir, HELDOUT, device=device, max_length=1024, stride=1024).ppl
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--only", nargs="*", default=list(VARIANTS))
+    args = parser.parse_args()
+    results = {"fp": perplexity(MODEL, args.device)}
+    for name in ["rtn"] + [name for name in args.only if name != "rtn"]:
+        method, options, knob = VARIANTS[name]
+        with tempfile.TemporaryDirectory() as tmp, knob():
+            opts = QuantizeOptions(method=method, calib_data=CALIB, calib_samples=args.samples,
+                                   device=args.device, method_options=options)
+            seconds = quantize_checkpoint(MODEL, f"{tmp}/out", opts, progress=False).seconds
+            results[name] = ppl = perplexity(f"{tmp}/out", args.device)
+        share = (results["rtn"] - ppl) / (results["rtn"] - results["fp"])
+        print(f"{name:24s} ppl {ppl:.4f}  share of RTN's gap closed {100 * share:5.1f} %  quantize {seconds:.1f} s",
+              flush=True)
+    with open(args.out, "w") as f:
+        json.dump({"samples": args.samples, "perplexity": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
