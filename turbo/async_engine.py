@@ -75,6 +75,7 @@ class _Add:
     params: SamplingParams | None
     stream: _Stream
     reply: _Reply
+    stream_text: bool
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,11 @@ class AsyncEngine:
         return self._stats
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, stream_text: bool = True) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs (deltas) until one has finished=True.
+
+        stream_text=False: the deltas carry token ids only and the last one all the text (decoded once; see
+        LLMEngine.add_request), for callers that read the text at the end.
 
         Bad input (duplicate request id, invalid token ids) raises LmcError before
         the first output; a prompt that cannot be served yields one error output.
@@ -134,7 +138,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         stream, added = _Stream(loop, asyncio.Queue()), loop.create_future()
         finished = False
-        self._send(_Add(request_id, prompt, params, stream, _Reply(loop, added)))
+        self._send(_Add(request_id, prompt, params, stream, _Reply(loop, added), stream_text))
         try:
             await added
             while not finished:
@@ -211,7 +215,7 @@ class AsyncEngine:
                 command.reply.send(found)
             return
         try:
-            self.engine.add_request(command.request_id, command.prompt, command.params)
+            self.engine.add_request(command.request_id, command.prompt, command.params, command.stream_text)
         except LmcError as exc:
             command.reply.send(error=exc)
             return

@@ -28,20 +28,16 @@ REPLAYS = 5
 
 
 def gemv_configs(quick: bool) -> list[TileConfig]:
-    columns = (1, 2, 4) if not quick else (2, 4)
-    configs = []
-    for per_thread in columns:
-        for warps in (1, 2, 4, 8):
-            for pps in (2, 4, 8):
-                configs.append(TileConfig(1, 32 * per_thread * warps, warps, 1, pps))
-    return configs
+    columns, warps_options, pps_options = ((2,), (2, 4), (8, 16, 24)) if quick else ((1, 2, 4), (1, 2, 4, 8), (2, 4, 8, 16))
+    return [TileConfig(1, 32 * per_thread * warps, warps, 1, pps)
+            for per_thread in columns for warps in warps_options for pps in pps_options]
 
 
 def tile_configs(m: int) -> list[TileConfig]:
     bm = max(16, 1 << (m - 1).bit_length())  # M rounded up to a power of two, at least 16
     out = []
     for bn, warps in ((64, 4), (128, 4), (128, 8), (256, 4), (256, 8)):
-        for pps in (2, 4):
+        for pps in (2, 4, 8):
             for scale_in_weight in (False, True):
                 out.append(TileConfig(bm, bn, warps, 3, pps, scale_in_weight))
     return out
@@ -82,7 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--m", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--quick", action="store_true", help="fewer M = 1 GEMV configs")
+    parser.add_argument("--quick", action="store_true", help="M = 1: only the GEMV configs around the table's (2 columns a thread, 2-4 warps, 8-24 programs an SM)")
     parser.add_argument("--no-gemv", action="store_true", help="M = 1: only the tensor-core tiles (block_m 16)")
     parser.add_argument("--defaults", action="store_true", help="only the M-bucket table's configs")
     args = parser.parse_args()

@@ -37,9 +37,9 @@ class Generation:
     """
 
     def __init__(self, engine: AsyncEngine, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                 request_id: str, timer: RequestTimer, release: Callable[[int], None]):
+                 request_id: str, timer: RequestTimer, release: Callable[[int], None], stream_text: bool = True):
         self.request_id = request_id
-        self._engine, self._params, self._timer = engine, params, timer
+        self._engine, self._params, self._timer, self._stream_text = engine, params, timer, stream_text
         self._queue: asyncio.Queue = asyncio.Queue()
         self._usage: dict[int, Usage] = {}
         self._tasks = [asyncio.create_task(self._pump(i, prompt)) for i, prompt in enumerate(prompts)]
@@ -49,7 +49,8 @@ class Generation:
 
     async def _pump(self, index: int, prompt: Sequence[int]) -> None:
         try:
-            async for out in self._engine.generate(prompt, self._params, f"{self.request_id}-{index}"):
+            request_id = f"{self.request_id}-{index}"
+            async for out in self._engine.generate(prompt, self._params, request_id, stream_text=self._stream_text):
                 self._queue.put_nowait((index, out))
             self._queue.put_nowait((index, _DONE))
         except Exception as exc:  # noqa: BLE001 - handed to the reader, which answers with an error

@@ -99,7 +99,7 @@ class OpenAIServing:
         params = self._sampling_params(body, body.max_tokens, body.logprobs)
         for prompt in prompts:
             self._check_length(prompt, params.max_tokens)
-        generation = await self._start(request, prompts, params, f"cmpl-{uuid.uuid4().hex}")
+        generation = await self._start(request, prompts, params, f"cmpl-{uuid.uuid4().hex}", body.stream)
         response = _CompletionAnswer(self, generation, name, params.n)
         if body.stream:
             return StreamingResponse(response.stream(_include_usage(body)), media_type="text/event-stream")
@@ -139,7 +139,7 @@ class OpenAIServing:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = self._sampling_params(body, max_tokens, logprobs)
         self._check_length(prompt, params.max_tokens)
-        generation = await self._start(request, [prompt], params, f"chatcmpl-{uuid.uuid4().hex}")
+        generation = await self._start(request, [prompt], params, f"chatcmpl-{uuid.uuid4().hex}", body.stream)
         response = _ChatAnswer(self, generation, name, params.n)
         if body.stream:
             return StreamingResponse(response.stream(_include_usage(body)), media_type="text/event-stream")
@@ -200,8 +200,9 @@ class OpenAIServing:
                 code="context_length_exceeded")
 
     async def _start(self, request: Request, prompts: list[list[int]], params: SamplingParams,
-                     request_id: str) -> Generation:
-        """Wait for admission (or answer 429/503), then start the engine requests."""
+                     request_id: str, stream: bool) -> Generation:
+        """Wait for admission (or answer 429/503), then start the engine requests (stream: the client reads
+        text as it is made; else the engine decodes each choice's text once, at its end)."""
         weight = params.n * len(prompts)
         if weight > self.admission.slots:
             raise OpenAIError(400, f"n * number of prompts is {weight}, more than the {self.admission.slots} "
@@ -216,7 +217,7 @@ class OpenAIServing:
                                    f"already); retry after {RETRY_AFTER_S} s", code="queue_full",
                               headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         timer.admitted(seconds_queued)
-        return Generation(self.engine, prompts, params, request_id, timer, self.admission.release)
+        return Generation(self.engine, prompts, params, request_id, timer, self.admission.release, stream_text=stream)
 
     def _check_alive(self) -> None:
         if not self.engine.is_alive:

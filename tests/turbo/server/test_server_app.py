@@ -72,6 +72,26 @@ def test_engine_dying_under_a_whole_answer_gives_503(engine):
     assert response.status_code == 503 and "restart" in response.json()["error"]["message"]
 
 
+def test_whole_answers_decode_their_text_once_and_match_the_stream(engine):
+    # A non-streamed request's text is read only at its end, so the engine decodes it once (stream_text=False);
+    # the streamed request decodes as it goes.  Both must give the same greedy text.
+    seen = []
+    add_request = engine.engine.add_request
+
+    def spy(request_id, prompt, params=None, stream_text=True):
+        seen.append(stream_text)
+        add_request(request_id, prompt, params, stream_text)
+
+    engine.engine.add_request = spy
+    app = build_app(engine, ServerOptions(served_model_names=("ref",)))
+    body = {"prompt": "The king said", "max_tokens": 12, "temperature": 0}
+    whole = _ask(app, "POST", "/v1/completions", json=body).json()["choices"][0]["text"]
+    streamed = _ask(app, "POST", "/v1/completions", json=body | {"stream": True})
+    chunks = [json.loads(e[6:]) for e in streamed.text.split("\n\n") if e and e != "data: [DONE]"]
+    assert seen == [False, True]
+    assert whole and whole == "".join(chunk["choices"][0]["text"] for chunk in chunks if chunk["choices"])
+
+
 def test_bad_server_options_raise_lmc_errors():
     with pytest.raises(LmcError, match="served model names"):
         ServerOptions(served_model_names=())
