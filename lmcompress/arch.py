@@ -44,8 +44,6 @@ class ArchSpec:
     v_proj: str = "self_attn.v_proj"
     # Sets of linears GPTQ quantizes together before recomputing inputs ("true sequential").
     sequential_groups: tuple[tuple[str, ...], ...] = ()
-    # The gated MLP's (gate, up) linears: the MLP computes down(silu(gate(x)) * up(x)).
-    gated_mlp: tuple[str, str] | None = None
 
     def layer_prefix(self, index: int) -> str:
         return f"{self.layers_prefix}.{index}."
@@ -83,7 +81,6 @@ def _llama_like(name: str, model_types: tuple[str, ...]) -> ArchSpec:
         linears=_LLAMA_LINEARS,
         scaling_groups=_LLAMA_SCALING,
         sequential_groups=_LLAMA_SEQUENTIAL,
-        gated_mlp=("mlp.gate_proj", "mlp.up_proj"),
     )
 
 

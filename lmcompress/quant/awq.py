@@ -44,7 +44,6 @@ from functools import partial
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmcompress.arch import ArchSpec, ScalingGroup
@@ -77,16 +76,13 @@ def awq_quantize_layer(
     gqa_scaling: bool = True,
     range_search: bool = False,
     n_grid: int = 20,
-    gated_clip: bool = False,
 ) -> dict[str, QTensor]:
     """AWQ-quantize every linear of ctx.layer; folds the scales into the layer and writes back Q(W).
 
     duo_scaling: scales from activations and weights (else activations only); clip: run
     the clip search; gqa_scaling: scale v_proj -> o_proj under grouped-query attention
     too; range_search: the scale search's trial quantizer takes group ranges from the
-    MSE shrink search (else [min, max]); n_grid: scale grid points; gated_clip: the clip
-    search of a gated MLP's gate and up rows weighs each token by how much that row's
-    output moves the MLP's (gate_token_weights).
+    MSE shrink search (else [min, max]); n_grid: scale grid points.
     """
     check_linears(ctx)
     if n_grid < 1:
@@ -96,23 +92,9 @@ def awq_quantize_layer(
     quantizer = partial(fake_quantize, cfg=ctx.cfg, search=ShrinkSearch() if range_search else None)
     apply_scales(ctx, inputs, quantizer, duo_scaling=duo_scaling, n_grid=n_grid, gqa_scaling=gqa_scaling)
     if clip:
-        gated = gated_clip and ctx.spec.gated_mlp is not None
-        weights = gate_token_weights(ctx, inputs[sources[ctx.spec.gated_mlp[0]]]) if gated else {}
         for name in ctx.spec.linears:
-            clip_linear(ctx.linear(name), inputs[sources[name]], ctx.cfg, token_weights=weights.get(name))
+            clip_linear(ctx.linear(name), inputs[sources[name]], ctx.cfg)
     return rtn_quantize_layer(ctx)
-
-
-@torch.no_grad()
-def gate_token_weights(ctx: LayerContext, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """{gate, up: [clip tokens, rows]}: the squared factor by which an error in that row's output at that
-    token reaches the MLP's product silu(g) * u (before down_proj): silu'(g) * u for gate rows, silu(g) for
-    up rows.  x [n, seq, hidden] is the MLP's input; the tokens are clip_tokens(x)'s."""
-    gate_name, up_name = ctx.spec.gated_mlp
-    tokens = clip_tokens(x)
-    gate, up = F.linear(tokens, ctx.linear(gate_name).weight), F.linear(tokens, ctx.linear(up_name).weight)
-    sigmoid = torch.sigmoid(gate)
-    return {gate_name: (up * sigmoid * (1 + gate * (1 - sigmoid))).pow(2), up_name: F.silu(gate).pow(2)}
 
 
 def input_sources(spec: ArchSpec) -> dict[str, str]:
@@ -308,11 +290,10 @@ class ClipSearch:
 
 @torch.no_grad()
 def clip_linear(
-    linear: nn.Linear, x: torch.Tensor, cfg: QuantConfig, search: ClipSearch = ClipSearch(),
-    token_weights: torch.Tensor | None = None,
+    linear: nn.Linear, x: torch.Tensor, cfg: QuantConfig, search: ClipSearch = ClipSearch()
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clamp each (row, group) of linear.weight to its searched range; returns (low, high), each [out, groups, 1]."""
-    low, high = search_clip(linear.weight, x, cfg, search, token_weights)
+    low, high = search_clip(linear.weight, x, cfg, search)
     grouped = linear.weight.view(low.shape[0], low.shape[1], -1)
     grouped.copy_(torch.clamp(grouped, low, high))
     return low, high
@@ -320,47 +301,37 @@ def clip_linear(
 
 @torch.no_grad()
 def search_clip(
-    weight: torch.Tensor, x: torch.Tensor, cfg: QuantConfig, search: ClipSearch = ClipSearch(),
-    token_weights: torch.Tensor | None = None,
+    weight: torch.Tensor, x: torch.Tensor, cfg: QuantConfig, search: ClipSearch = ClipSearch()
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (row, group) of weight [out, in], the clamp range with least MSE of the group's partial output.
 
-    x [n, seq, in] are the linear's inputs; the clip_tokens(x) are used, each weighted by token_weights
-    [tokens, out] when given (else equally).  Returns (low, high), each [out, groups, 1].
+    x [n, seq, in] are the linear's inputs; at most CLIP_TOKENS evenly spaced tokens are used.
+    Returns (low, high), each [out, groups, 1].
     """
     out_features, in_features = weight.shape
     n_groups = in_features // cfg.group_size
-    tokens = clip_tokens(x)
+    tokens = x.reshape(-1, in_features)
+    tokens = tokens[:: math.ceil(tokens.shape[0] / CLIP_TOKENS)]
     # [groups, tokens, group]: one batched matmul gives every group's partial output
     x_groups = tokens.reshape(-1, n_groups, cfg.group_size).transpose(0, 1)
     rows_per_batch = max(1, CLIP_CHUNK_ELEMENTS // (n_groups * tokens.shape[0]))
     w_groups = weight.reshape(out_features, n_groups, cfg.group_size)
-    if token_weights is None:
-        token_weights = torch.ones(tokens.shape[0], out_features, dtype=weight.dtype, device=weight.device)
-    batches = zip(w_groups.split(rows_per_batch), token_weights.split(rows_per_batch, dim=1))
-    lows, highs = zip(*(_best_clip(w, x_groups, cfg, search, t) for w, t in batches))
+    lows, highs = zip(*(_best_clip(batch, x_groups, cfg, search) for batch in w_groups.split(rows_per_batch)))
     return torch.cat(lows), torch.cat(highs)
 
 
-def clip_tokens(x: torch.Tensor) -> torch.Tensor:
-    """[tokens, in]: at most CLIP_TOKENS evenly spaced tokens of x [n, seq, in]."""
-    tokens = x.reshape(-1, x.shape[-1])
-    return tokens[:: math.ceil(tokens.shape[0] / CLIP_TOKENS)]
-
-
 def _best_clip(
-    w: torch.Tensor, x_groups: torch.Tensor, cfg: QuantConfig, search: ClipSearch, token_weights: torch.Tensor
+    w: torch.Tensor, x_groups: torch.Tensor, cfg: QuantConfig, search: ClipSearch
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [rows, groups, group], x_groups [groups, tokens, group], token_weights [tokens, rows] -> best (low, high),
-    each [rows, groups, 1]."""
+    """w [rows, groups, group], x_groups [groups, tokens, group] -> best (low, high), each [rows, groups, 1]."""
     reference = _group_outputs(w, x_groups)
     best_low, best_high = search.ranges(w, 1.0)
     best_error = torch.full_like(best_low, math.inf)
     for shrink in search.shrinks():
         low, high = search.ranges(w, shrink)
         quantized = fake_quantize_groups(torch.clamp(w, low, high), cfg)
-        # [groups, tokens, rows] -> weighted mean over tokens -> [rows, groups, 1]
-        error = ((_group_outputs(quantized, x_groups) - reference).pow(2) * token_weights).mean(dim=1).T.unsqueeze(-1)
+        # [groups, tokens, rows] -> mean over tokens -> [rows, groups, 1]
+        error = (_group_outputs(quantized, x_groups) - reference).pow(2).mean(dim=1).T.unsqueeze(-1)
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         best_low = torch.where(better, low, best_low)

@@ -127,8 +127,6 @@ VARIANTS = {
     "awq_clip_autoawq_grid": ("awq", {}, partial(clip_search, grid=20, max_shrink=0.5, absmax=True)),
     "awq_no_up_down_scaling": ("awq", {}, partial(without_group, "mlp.up_proj")),
     "awq_no_clip": ("awq", {"clip": False}, contextlib.nullcontext),
-    "awq_gated_clip": ("awq", {"gated_clip": True}, contextlib.nullcontext),
-    "awq_gated_clip_2048_tokens": ("awq", {"gated_clip": True}, partial(clip_tokens, 2048)),
     "gptq": ("gptq", {}, contextlib.nullcontext),
 }
 

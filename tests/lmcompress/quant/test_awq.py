@@ -137,22 +137,19 @@ def test_default_clip_beats_autoawq_clip_on_unseen_tokens():
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"duo_scaling": False}, {"gqa_scaling": False}, {"range_search": True}, {"clip": False},
-     {"gated_clip": True}],
-    ids=["defaults", "no-duo-scaling", "no-gqa-scaling", "range-search", "no-clip", "gated-clip"],
+    [{}, {"duo_scaling": False}, {"gqa_scaling": False}, {"range_search": True}, {"clip": False}],
+    ids=["defaults", "no-duo-scaling", "no-gqa-scaling", "range-search", "no-clip"],
 )
 def test_layer_options_reach_the_scale_and_clip_searches(tiny_case, monkeypatch, options):
     case = tiny_case("qwen3", kv_heads=2)
-    seen = {"clipped": [], "weighted": []}
+    seen = {"clipped": []}
 
     def recording_apply_scales(ctx, inputs, quantizer, **kwargs):
         seen.update(kwargs, quantizer=quantizer)
         return {}
 
-    def recording_clip_linear(linear, x, cfg, token_weights=None):
+    def recording_clip_linear(linear, x, cfg):
         seen["clipped"].append(linear)
-        if token_weights is not None:
-            seen["weighted"].append(linear)
 
     monkeypatch.setattr(awq, "apply_scales", recording_apply_scales)
     monkeypatch.setattr(awq, "clip_linear", recording_clip_linear)
@@ -166,9 +163,6 @@ def test_layer_options_reach_the_scale_and_clip_searches(tiny_case, monkeypatch,
     # clipping covers every linear, q_proj and k_proj included (AutoAWQ skips those two)
     linears = [case.ctx.linear(name) for name in case.ctx.spec.linears] if expected["clip"] else []
     assert seen["clipped"] == linears
-    # gated_clip weighs the tokens of the gate and up rows only
-    gated = [case.ctx.linear(name) for name in case.ctx.spec.gated_mlp] if options.get("gated_clip") else []
-    assert seen["weighted"] == gated
 
 
 def test_bad_grid_is_rejected(tiny_case):
