@@ -53,3 +53,17 @@ speed_suite() {
   TMO=200 run hf_b64 lmc bench hf $L7 --dummy --batch-size 64 --input-len 128 --output-len 128 --cache static --dtype bf16 --device cuda
   step "hf"
 }
+# cuda_tests LIMIT FILES...: the given test files on CUDA into $OUT/tests.txt, printing the summary and failures.
+cuda_tests() {
+  limit=$1; shift
+  LMC_TEST_DEVICE=cuda timeout $limit python3 -m pytest -q -rf -p no:cacheprovider "$@" > $OUT/tests.txt 2>&1
+  tail -3 $OUT/tests.txt; grep -A30 "^___" $OUT/tests.txt | grep -E "Error|error|assert" | head -12
+  step "tests"
+}
+# sweep NAME LIMIT ARGS...: tests/gpu/w4a16_sweep.py into $OUT/NAME.json and .txt, printing the table's rows and
+# the best config per M.
+sweep() {
+  name=$1; limit=$2; shift 2
+  timeout $limit python3 tests/gpu/w4a16_sweep.py $OUT/$name.json "$@" > $OUT/$name.txt 2>&1 || echo "$name FAILED rc=$?"
+  grep -E "None|best config" $OUT/$name.txt; tail -2 $OUT/$name.txt | grep -i error
+}

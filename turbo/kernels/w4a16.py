@@ -1,10 +1,11 @@
 """W4A16 linear: y = x @ dequant(W).T + b with 4-bit group-quantized W dequantized in registers.
 
 PackedW4 is W repacked once at load from lmc's QTensor into the layout the kernel reads.  Input channels
-come in blocks of 128; block b is 16 int32 rows of qweight, and nibble j (bits 4j..4j+3) of row 16b + r
-is channel 128b + 16j + r.  "Code plane" j of a block (nibble j of its 16 rows) is thus 16 consecutive
-channels, which meet a contiguous 16-column slice of x (one K step of tl.dot, one vector load in the
-GEMV) and lie in one quantization group for group sizes 32, 64 and 128 (one scale and zero per plane).
+come in blocks of 128; block b is 16 int32 rows of qweight, and byte i of row 16b + r holds channels
+128b + 32i + 2r (nibble 2i, bits 8i..8i+3) and 128b + 32i + 2r + 1 (nibble 2i + 1).  "Code plane" j of a
+block is nibble j of its 16 rows; planes 2i and 2i + 1 together are the 32 consecutive channels
+128b + 32i.., which meet a contiguous 32-column slice of x (one K = 32 step of tl.dot with the two planes
+interleaved, one vector load in the GEMV) and lie in one quantization group for group sizes 32, 64 and 128.
 
     qweight [K'/8, N] int32   K' = K rounded up to 128; threads read consecutive output columns, so
                               every load is coalesced along N whatever M is
@@ -23,13 +24,15 @@ One kernel, two inner loops, picked per M bucket (M_BUCKETS):
     shifts, no int-to-float conversions (quarter-rate or slower on sm_90).  A plane's zero and scale
     apply once to its sum: s * (sum x q - z * sum x).
   * Tiles (block_m >= 16), tensor cores, computing out^T = W^T x^T so the dequantized weight is wgmma's
-    register operand.  A block's 16 packed rows are loaded once; each code plane is one dot step of
-    K = 16 against 16 contiguous columns of x, so nothing is gathered.  The weight is the exact integer
-    q - z in x's dtype, two weights per register: on CUDA a few PTX instructions (_PAIR_ASM_*) make two code
-    planes of two packed rows at a time, in the interpreter float32 arithmetic (_plane_weight).  It is
-    scaled before the dot or after the group's float32 sum (TileConfig.scale_in_weight).  SASS loop counts
-    (tests/gpu/sass_stats.py, block_m 16): 13.6 instructions a weight gathering [64, BN] tiles (before run
-    L), 5.4 with float32 dequantization per plane (runs L-N), 3.1 with the PTX (run O).
+    register operand.  A block's 16 packed rows are loaded once; each byte (two code planes, 32
+    consecutive channels) is one dot step of K = 32 against 32 contiguous columns of x, so nothing is
+    gathered.  The weight is the exact integer q - z in x's dtype, the two K-neighbours of each row in one
+    register: on CUDA three PTX instructions per two weights (_PAIR_ASM_*), in the interpreter float32
+    arithmetic (_plane_weight).  It is scaled before the dot or after the group's float32 sum
+    (TileConfig.scale_in_weight).  SASS loop counts (tests/gpu/sass_stats.py): at block_m 16, 13.6
+    instructions a weight gathering [64, BN] tiles (before run L), 5.4 with float32 dequantization per plane
+    (runs L-N), 3.1 with PTX pairing two rows' planes (run O, K = 16 a dot); K = 32 a dot (run U) takes
+    3.5 there but 5.0 against 6.1 at block_m 32-64 with 8 warps, with half the x loads and wgmma waits.
 Both split K over programs when the output tiles alone would leave SMs idle: each split stores its float32
 partial tile to a per-device workspace [splits, M, N], and the splits are summed in a fixed order (then the
 bias added and the cast done) in one of two ways, both deterministic and CUDA-graph safe:
@@ -104,7 +107,7 @@ class PackedW4:
         pad = -in_features % BLOCK_CHANNELS
         group_pad = pad // qt.group_size
         codes = F.pad(codes, (0, pad))
-        blocks = codes.reshape(out_features, -1, 8, PLANE_CHANNELS)  # [N, K'/128, plane j, row r]
+        blocks = codes.reshape(out_features, -1, 4, PLANE_CHANNELS, 2)  # [N, K'/128, byte i, row r, nibble parity]
         return cls(
             qweight=pack_nibbles(blocks.transpose(2, 3).reshape(out_features, -1)).t().contiguous(),
             scales=F.pad(qt.scales, (0, group_pad)).t().contiguous(),  # padded channels: scale 0
@@ -117,7 +120,7 @@ class PackedW4:
 
     def codes(self) -> torch.Tensor:
         """[N, K'] uint8 codes in packed channel order (perm applied, padding included)."""
-        blocks = unpack_nibbles(self.qweight.t()).reshape(self.out_features, -1, PLANE_CHANNELS, 8)
+        blocks = unpack_nibbles(self.qweight.t()).reshape(self.out_features, -1, PLANE_CHANNELS, 4, 2)
         return blocks.transpose(2, 3).reshape(self.out_features, -1)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -149,8 +152,8 @@ def w4a16_reference(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = No
 class TileConfig:
     """Launch parameters of one M bucket.  block_m == 1 selects the GEMV loop (one activation row per
     program; block_n a multiple of 32 * num_warps so that each thread holds whole columns), block_m >= 16
-    the tensor-core tiles (one tl.dot of K = 16 per code plane; scale_in_weight: see _tile_partial).  K is
-    split over programs until about programs_per_sm programs per SM run."""
+    the tensor-core tiles (one tl.dot of K = 32 per byte of the packed rows; scale_in_weight: see
+    _tile_partial).  K is split over programs until about programs_per_sm programs per SM run."""
 
     block_m: int
     block_n: int
@@ -161,16 +164,16 @@ class TileConfig:
 
 
 # H200 (132 SMs), one per M bucket: the configs with the least summed time over the four Llama-2-7B linears in
-# tests/gpu/w4a16_sweep.py (M = 1: run H; tiles: run O, where the GEMV still beat every block_m 16 tile at
-# M = 1; docs/perf-notes.md).  At M = 1 two columns per thread
+# tests/gpu/w4a16_sweep.py (M = 1: run H; tiles: run U; in run O the GEMV still beat every block_m 16 tile
+# at M = 1; docs/perf-notes.md).  At M = 1 two columns per thread
 # (block_n = 64 * num_warps) beat four: 171 registers at four left room for only 8 warps per SM (Nsight
 # Compute, run H).  Without a config, M >= DEQUANT_GEMM_MIN_M runs dequantize + cuBLAS instead (the last
 # bucket then only serves CUDA-graph capture and explicit configs).
 M_BUCKETS: tuple[tuple[int, TileConfig], ...] = (
     (1, TileConfig(block_m=1, block_n=128, num_warps=2, num_stages=1, programs_per_sm=8)),
-    (16, TileConfig(block_m=16, block_n=128, num_warps=4, num_stages=3, programs_per_sm=4)),
-    (32, TileConfig(block_m=32, block_n=128, num_warps=8, num_stages=3, programs_per_sm=4, scale_in_weight=True)),
-    (64, TileConfig(block_m=64, block_n=128, num_warps=8, num_stages=3, programs_per_sm=4, scale_in_weight=True)),
+    (16, TileConfig(block_m=16, block_n=64, num_warps=4, num_stages=3, programs_per_sm=4)),
+    (32, TileConfig(block_m=32, block_n=64, num_warps=4, num_stages=3, programs_per_sm=4, scale_in_weight=True)),
+    (64, TileConfig(block_m=64, block_n=128, num_warps=8, num_stages=3, programs_per_sm=2, scale_in_weight=True)),
     (2**62, TileConfig(block_m=128, block_n=128, num_warps=8, num_stages=2, programs_per_sm=1, scale_in_weight=True)),
 )
 # From this many rows on, dequantizing W once into a scratch buffer and calling cuBLAS beats the fused
@@ -289,13 +292,13 @@ def _dequant_kernel(qweight_ptr, scales_ptr, zeros_ptr, out_ptr, N, GROUP: tl.co
     n_mask = offs_n < N
     rows = block * 16 + tl.arange(0, 16)
     packed = tl.load(qweight_ptr + rows[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)  # [16, BN]
-    for plane in tl.static_range(8):  # plane j: channels 128b + 16j + r of the 16 rows r, one group
+    for plane in tl.static_range(8):  # plane j: channels 128b + 32 (j // 2) + 2r + j % 2 of the 16 rows r
         group = block * (128 // GROUP) + (16 * plane) // GROUP
         scale = tl.load(scales_ptr + group * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         zero = tl.load(zeros_ptr + group * N + offs_n, mask=n_mask, other=0).to(tl.float32)
         code = ((packed >> (4 * plane)) & 0xF).to(tl.float32)
         weight = ((code - zero[None, :]) * scale[None, :]).to(out_ptr.dtype.element_ty)
-        channels = (block * 128 + 16 * plane + tl.arange(0, 16)).to(tl.int64)
+        channels = (block * 128 + 32 * (plane // 2) + 2 * tl.arange(0, 16) + plane % 2).to(tl.int64)
         tl.store(out_ptr + channels[:, None] * N + offs_n[None, :], weight, mask=n_mask[None, :])
 
 
@@ -317,14 +320,15 @@ def _load_block(qweight_ptr, block, offs_n, mask, N):
 
 @triton.jit
 def _gemv_plane(x_row, half, block, J: tl.constexpr):
-    """Code plane J of a block against its 16 channels of x: ([16, BN] x * q * 2**-74, [16, 1] x).
+    """Code plane J of a block against its 16 channels of x (x_row: the even channels 2r of row m): ([16, BN]
+    x * q * 2**-74, [16, 1] x).
 
     `half` holds the plane's nibble at bits 4P..4P+3, P = J for J < 6 (packed), J - 4 for 6 and 7 (packed
     >> 16): below bit 24, the float32 exponent.  The nibble masked where it sits reads as the float32
     denormal q * 2**(4P - 149), so x * 2**(75 - 4P) times it is x * q * 2**-74, exactly rounded.
     """
     P: tl.constexpr = J - 4 * (J // 6)
-    x = tl.load(x_row + block * 128 + 16 * J).to(tl.float32)[:, None]
+    x = tl.load(x_row + block * 128 + 32 * (J // 2) + J % 2).to(tl.float32)[:, None]
     q = (half & (0xF << (4 * P))).to(tl.float32, bitcast=True)
     return (x * (2.0 ** (75 - 4 * P))) * q, x
 
@@ -340,7 +344,7 @@ def _gemv_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, pid_m, offs_n, n_ma
     |x| < 2**52 (x * 2**75 must stay finite).
     """
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm + tl.arange(0, 16)
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm + 2 * tl.arange(0, 16)
     packed = _load_block(qweight_ptr, block_start, offs_n, n_mask[None, :], N)
     for block in range(block_start, block_end):
         # The last iteration reloads its own block (a cache hit) instead of masking the prefetch.
@@ -374,57 +378,57 @@ def _plane_weight(half, zero, magic, P: tl.constexpr):
     return shifted * (2.0 ** (-4 * P)) - (zero + 2.0 ** (23 - 4 * P))
 
 
-# Code planes 2i and 2i + 1 of two packed rows r, r + 1 (a, b) as half2 / bfloat162 q - z, in PTX (pack=2:
-# each call gets two neighbouring elements; every output element depends on its own input only, so any
-# pairing Triton picks is correct, and the (r, r + 1) pairs it gives in wgmma's register-operand layout are
-# the pairs that operand holds).  prmt puts byte i of a and of b at bytes 0 and 2; one lop3 masks a nibble
-# into the mantissa of 1024 (fp16) or 128 (bf16) in both halves at once, and one fma removes that offset
-# and the zero, exactly: $0 = plane 2i, $1 = plane 2i + 1.  fp16 keeps the high nibble in place (1024 +
-# 16q, times 1/16); bf16's 7-bit mantissa takes it shifted down.
+# Code planes 2i and 2i + 1 of one packed row (channels 32i + 2r and 32i + 2r + 1, neighbours along K) as one
+# half2 / bfloat162 of q - z, in PTX (Triton cannot split an int32 into two halves): prmt copies byte i into
+# both halves (bf16: the high half from the row >> 4); one lop3 masks the nibble of each half into the
+# mantissa of 1024 (fp16) or 128 (bf16), ORing in that exponent; one fma removes the offset and the zero,
+# exactly (|q - z| <= 15).  fp16 keeps the high nibble in place, so its half reads 1024 + 16q and takes the
+# factor 1/16.  $2: the row; $3, $4: the low and high halves' offsets; $5: the prmt selector.
 _PAIR_ASM_FP16 = tl.constexpr("""{
-    .reg .b32 t, lo, hi, one, sixteenth;
-    prmt.b32 t, $2, $3, $6;
-    lop3.b32 lo, t, 0x000F000F, 0x64006400, 0xEA;
-    lop3.b32 hi, t, 0x00F000F0, 0x64006400, 0xEA;
-    mov.b32 one, 0x3C003C00;
-    mov.b32 sixteenth, 0x2C002C00;
-    fma.rn.f16x2 $0, lo, one, $4;
-    fma.rn.f16x2 $1, hi, sixteenth, $5;
+    .reg .b32 t, offset, factor;
+    prmt.b32 t, $2, 0, $5;
+    lop3.b32 t, t, 0x00F0000F, 0x64006400, 0xEA;
+    mov.b32 offset, {$3, $4};
+    mov.b32 factor, 0x2C003C00;
+    fma.rn.f16x2 t, t, factor, offset;
+    mov.b32 {$0, $1}, t;
     }""")
 _PAIR_ASM_BF16 = tl.constexpr("""{
-    .reg .b32 t, lo, hi, one;
-    prmt.b32 t, $2, $3, $6;
-    lop3.b32 lo, t, 0x000F000F, 0x43004300, 0xEA;
-    shr.u32 hi, t, 4;
-    lop3.b32 hi, hi, 0x000F000F, 0x43004300, 0xEA;
+    .reg .b32 t, offset, one;
+    shr.u32 t, $2, 4;
+    prmt.b32 t, $2, t, $5;
+    lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
+    mov.b32 offset, {$3, $4};
     mov.b32 one, 0x3F803F80;
-    fma.rn.bf16x2 $0, lo, one, $4;
-    fma.rn.bf16x2 $1, hi, one, $5;
+    fma.rn.bf16x2 t, t, one, offset;
+    mov.b32 {$0, $1}, t;
     }""")
 
 
 @triton.jit
 def _plane_pair(packed, zero, magic, BYTE: tl.constexpr, dtype: tl.constexpr, ASM: tl.constexpr):
     """q - z in dtype, exactly, of code planes 2 * BYTE and 2 * BYTE + 1 of packed [BN, 16] (uint32; zero
-    [BN, 1] float32 codes).  ASM: the PTX above (CUDA); else float32 arithmetic (_plane_weight), which the
-    Triton interpreter runs."""
+    [BN, 1] float32 codes): [BN, 32], column 2r + h = plane 2 * BYTE + h of row r = channel 32 * BYTE + 2r + h
+    of the block.  ASM: the PTX above (CUDA); else float32 arithmetic (_plane_weight), which the Triton
+    interpreter runs."""
     if ASM:
-        select = tl.full([1, 1], BYTE * 0x1111 + 0x4400, tl.uint32)  # prmt: byte BYTE of a to 0, of b to 2
         if dtype == tl.float16:
+            select = tl.full([1, 1], BYTE * 0x0101 + 0x4040, tl.uint32)  # byte BYTE to bytes 0 and 2
             low, high = tl.inline_asm_elementwise(
-                _PAIR_ASM_FP16, "=r,=r,r,r,r,r,r,r",
+                _PAIR_ASM_FP16, "=h,=h,r,h,h,r",
                 [packed, (-1024.0 - zero).to(tl.float16), (-64.0 - zero).to(tl.float16), select],
-                dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+                dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
         else:
+            select = tl.full([1, 1], BYTE * 0x0101 + 0x4400, tl.uint32)  # byte BYTE of row, of row >> 4
             low, high = tl.inline_asm_elementwise(
-                _PAIR_ASM_BF16, "=r,=r,r,r,r,r,r,r",
+                _PAIR_ASM_BF16, "=h,=h,r,h,h,r",
                 [packed, (-128.0 - zero).to(tl.bfloat16), (-128.0 - zero).to(tl.bfloat16), select],
-                dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+                dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
     else:
         half = packed >> (16 * (BYTE // 2))
         low = _plane_weight(half, zero, magic, (2 * BYTE) % 4).to(dtype)
         high = _plane_weight(half, zero, magic, (2 * BYTE + 1) % 4).to(dtype)
-    return low, high
+    return tl.join(low, high).reshape(low.shape[0], 2 * low.shape[1])
 
 
 @triton.jit
@@ -437,10 +441,9 @@ def _tile_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, offs_m, m_mask, off
     Hopper's wgmma, which takes it from registers (x, the right one, comes from shared memory), and M from
     16 up is a valid wgmma N: with x on the left, M < 64 fell back to mma.sync and M = 64 staged every
     dequantized plane through shared memory with a fence (run L2: 1.1-1.2x faster at M = 16-32).
-    A block's 16 packed rows are loaded once ([BN, 16] int32).  Code plane J (nibble J of those rows) is
-    the weight of channels 16J..16J+15, one dot step of K = 16 against x's matching 16 columns, so nothing
-    is gathered.  The weight is the exact integer q - z in x's dtype (_plane_pair, two planes at a time) and
-    either
+    A block's 16 packed rows are loaded once ([BN, 16] int32).  Byte i of those rows holds channels
+    32i..32i+31 (_plane_pair makes them one [BN, 32] weight), one dot step of K = 32 against x's matching
+    32 columns, so nothing is gathered.  The weight is the exact integer q - z in x's dtype and either
       * the group's float32 partial is scaled once (s * sum_k x_k (q_k - z); SCALE_IN_WEIGHT False), or
       * (q - z) * s is rounded to x's dtype first, as the reference does, and every dot accumulates into
         one accumulator (True): one multiply more per weight, one [BN, BM] float32 tile fewer, which at
@@ -449,7 +452,7 @@ def _tile_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, offs_m, m_mask, off
     it through shared memory one half-word at a time (2x the instructions).
     """
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # out^T: the weight is the dot's left operand
-    x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + tl.arange(0, 16)[:, None]  # [16, BM]
+    x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + tl.arange(0, 32)[:, None]  # [32, BM]
     dtype = x_ptr.dtype.element_ty
     for block in range(block_start, block_end):
         rows = block * 16 + tl.arange(0, 16)
@@ -461,16 +464,13 @@ def _tile_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, offs_m, m_mask, off
             zero, scale = zero.to(tl.float32)[:, None], scale[:, None]
             part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
             for pair in tl.static_range(GROUP // 32):
-                weights = _plane_pair(packed, zero, magic, group * (GROUP // 32) + pair, dtype, ASM)
-                for half in tl.static_range(2):
-                    plane = 2 * (group * (GROUP // 32) + pair) + half
-                    x = tl.load(x_cols + block * 128 + 16 * plane, mask=m_mask[None, :],
-                                other=0.0)  # [16, BM]
-                    if SCALE_IN_WEIGHT:
-                        weight = (weights[half].to(tl.float32) * scale).to(dtype)
-                        acc = tl.dot(weight, x, acc, input_precision=DOT_PRECISION)
-                    else:
-                        part = tl.dot(weights[half], x, part, input_precision=DOT_PRECISION)
+                weight = _plane_pair(packed, zero, magic, group * (GROUP // 32) + pair, dtype, ASM)  # [BN, 32]
+                x = tl.load(x_cols + block * 128 + 32 * (group * (GROUP // 32) + pair), mask=m_mask[None, :],
+                            other=0.0)  # [32, BM]
+                if SCALE_IN_WEIGHT:
+                    acc = tl.dot((weight.to(tl.float32) * scale).to(dtype), x, acc, input_precision=DOT_PRECISION)
+                else:
+                    part = tl.dot(weight, x, part, input_precision=DOT_PRECISION)
             if not SCALE_IN_WEIGHT:
                 acc += scale * part
     return tl.trans(acc)

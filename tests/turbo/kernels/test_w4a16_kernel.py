@@ -71,14 +71,16 @@ def test_packed_dequantize_equals_qtensor_dequantize_exactly(group_size, in_feat
         assert torch.equal(back.q, qt.q) and torch.equal(back.zeros, qt.zeros) and torch.equal(back.scales, qt.scales)
 
 
-def test_code_planes_hold_sixteen_consecutive_channels():
-    # Code of channel k is k % 16 in every row: plane j of row r of a block holds channel 16j + r, code r.
+def test_each_byte_holds_two_neighbouring_channels_of_a_32_channel_slice():
+    # Code of channel k is k % 16 in every row: byte i of row r of a block holds channels 32i + 2r (low
+    # nibble) and 32i + 2r + 1 (high nibble), so nibble j of row r holds code (2r + j % 2) % 16.
     q = (torch.arange(256) % 16).to(torch.uint8).expand(8, 256).contiguous()
     qt = QTensor(q, torch.ones(8, 2), torch.zeros(8, 2, dtype=torch.uint8), 4, 128)
     qweight = PackedW4.from_qtensor(qt, torch.float32).qweight  # [32, 8]
     nibbles = torch.stack([(qweight >> (4 * j)) & 0xF for j in range(8)], dim=-1)  # [row, n, j]
-    rows = torch.arange(32) % 16
-    assert torch.equal(nibbles, rows[:, None, None].expand(32, 8, 8).to(nibbles.dtype))
+    rows, planes = torch.arange(32) % 16, torch.arange(8)
+    expected = (2 * rows[:, None] + planes[None, :] % 2) % 16  # [row, j]
+    assert torch.equal(nibbles, expected[:, None, :].expand(32, 8, 8).to(nibbles.dtype))
 
 
 def test_reference_is_f_linear_over_the_qtensor_weight():
