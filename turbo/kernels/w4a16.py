@@ -5,7 +5,8 @@ come in blocks of 128; block b is 16 int32 rows of qweight, and byte i of row 16
 128b + 32i + 2r (nibble 2i, bits 8i..8i+3) and 128b + 32i + 2r + 1 (nibble 2i + 1).  "Code plane" j of a
 block is nibble j of its 16 rows; planes 2i and 2i + 1 together are the 32 consecutive channels
 128b + 32i.., which meet a contiguous 32-column slice of x (one K = 32 step of tl.dot with the two planes
-interleaved, one vector load in the GEMV) and lie in one quantization group for group sizes 32, 64 and 128.
+interleaved; the GEMV reads a plane's 16 channels, every other one of them) and lie in one quantization
+group for group sizes 32, 64 and 128.
 
     qweight [K'/8, N] int32   K' = K rounded up to 128; threads read consecutive output columns, so
                               every load is coalesced along N whatever M is
