@@ -30,9 +30,6 @@ from lmcompress.quant.qtensor import QuantConfig
 @click.option("--no-gqa-scaling", is_flag=True,
               help="AWQ: under grouped-query attention, skip the v_proj -> o_proj scales (as AutoAWQ does) "
                    "instead of sharing each value channel's scale across the query heads that read it.")
-@click.option("--clip-aware-scales", is_flag=True,
-              help="AWQ: score each candidate scale with the weights clipped as the clip search would clip "
-                   "them (slower; see docs/quantization.md).")
 @click.option("--range-search/--no-range-search", default=None,
               help="Take each group's quantization range from GPTQ's MSE shrink search instead of its plain "
                    "min/max (AWQ: while it picks its scales).  Default: on for GPTQ, off for AWQ (no gain there "
@@ -43,16 +40,15 @@ from lmcompress.quant.qtensor import QuantConfig
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest safetensors shard, e.g. 2GB, 500MiB.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def quantize(src, out, method, fmt, bits, group_size, sym, calib_data, calib_samples, calib_seqlen, seed, device,
-             no_clip, no_duo_scaling, no_gqa_scaling, clip_aware_scales, range_search, act_order, damp_percent,
-             max_shard_size, overwrite) -> None:
+             no_clip, no_duo_scaling, no_gqa_scaling, range_search, act_order, damp_percent, max_shard_size,
+             overwrite) -> None:
     """Quantize the Hugging Face checkpoint SRC to 4 bits into OUT, with KV-cache scales.
 
     Layers are calibrated one at a time, so peak memory follows one decoder layer.
     OUT is written to a temporary directory and renamed only when complete.
     """
     method_options = {
-        "awq": {"clip": not no_clip, "duo_scaling": not no_duo_scaling, "gqa_scaling": not no_gqa_scaling,
-                "clip_aware_scales": clip_aware_scales},
+        "awq": {"clip": not no_clip, "duo_scaling": not no_duo_scaling, "gqa_scaling": not no_gqa_scaling},
         "gptq": {"act_order": act_order, "damp_percent": damp_percent},
         "rtn": {},
     }[method]

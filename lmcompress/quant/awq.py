@@ -15,9 +15,6 @@ The search follows AutoAWQ 0.2.9, with three additions (gqa_scaling and range cl
      range from GPTQ's MSE shrink search (rtn.ShrinkSearch) instead of plain [min, max].
      On the reference model it made no difference (18.3205 against 18.3158 held-out ppl,
      docs/quantization.md) at 5x the search time (7 -> 34 s on the H200; a 7B layer 14 s).
-   + clip_aware_scales (off by default): each trial weight W * s is first clamped to the ranges
-     the clip search (2.) picks for it on the group's clip tokens scaled by 1 / s, so every
-     candidate is scored as it would end up: clipped, then rounded.
 2. Clipping, for every linear: per (output row, group) shrink the group's range over a
    100-step grid down to 0.2 of it and keep the range with least MSE of that group's
    partial output on <= 512 tokens.
@@ -79,26 +76,21 @@ def awq_quantize_layer(
     gqa_scaling: bool = True,
     range_search: bool = False,
     n_grid: int = 20,
-    clip_aware_scales: bool = False,
 ) -> dict[str, QTensor]:
     """AWQ-quantize every linear of ctx.layer; folds the scales into the layer and writes back Q(W).
 
     duo_scaling: scales from activations and weights (else activations only); clip: run
     the clip search; gqa_scaling: scale v_proj -> o_proj under grouped-query attention
     too; range_search: the scale search's trial quantizer takes group ranges from the
-    MSE shrink search (else [min, max]); n_grid: scale grid points; clip_aware_scales: the
-    scale search clips each trial weight as the clip search would before rounding it.
+    MSE shrink search (else [min, max]); n_grid: scale grid points.
     """
     check_linears(ctx)
-    if clip_aware_scales and not clip:
-        raise LmcError("AWQ --clip-aware-scales scores the scales with the clip search's ranges; drop --no-clip")
     if n_grid < 1:
         raise LmcError(f"AWQ n_grid {n_grid} is out of range; use a positive grid size (default 20)")
     sources = input_sources(ctx.spec)
     inputs = ctx.capture_inputs(sorted(set(sources.values())))
     quantizer = partial(fake_quantize, cfg=ctx.cfg, search=ShrinkSearch() if range_search else None)
-    apply_scales(ctx, inputs, quantizer, duo_scaling=duo_scaling, n_grid=n_grid, gqa_scaling=gqa_scaling,
-                 clip_aware=clip_aware_scales)
+    apply_scales(ctx, inputs, quantizer, duo_scaling=duo_scaling, n_grid=n_grid, gqa_scaling=gqa_scaling)
     if clip:
         for name in ctx.spec.linears:
             clip_linear(ctx.linear(name), inputs[sources[name]], ctx.cfg)
@@ -122,7 +114,6 @@ def apply_scales(
     duo_scaling: bool = True,
     n_grid: int = 20,
     gqa_scaling: bool = True,
-    clip_aware: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Search and fold the scale of every foldable group, in execution order.
 
@@ -136,8 +127,7 @@ def apply_scales(
             logger.debug("%s: AWQ skips %s -> %s (shapes differ)", ctx.name, group.prev_op, group.linears)
             continue
         x = inputs[group.linears[0]]
-        scales = search_scale(ctx, group, x, quantizer, duo_scaling=duo_scaling, n_grid=n_grid, channels=channels,
-                              clip_aware=clip_aware)
+        scales = search_scale(ctx, group, x, quantizer, duo_scaling=duo_scaling, n_grid=n_grid, channels=channels)
         fold_scale(ctx, group, scales, channels)
         x.div_(scales[channels])
         applied[group.prev_op] = scales
@@ -182,14 +172,11 @@ def search_scale(
     duo_scaling: bool = True,
     n_grid: int = 20,
     channels: torch.Tensor | None = None,
-    clip_aware: bool = False,
 ) -> torch.Tensor:
     """The per-channel scale s [prev_op outputs] of the grid with least output MSE of group.inspect on x [n, seq, in].
 
     channels [in] (channel_map; default one to one) ties the linears' input channels
     fed by one prev_op output: their statistics are averaged and they share its scale.
-    clip_aware: each trial weight W * s is clamped as the clip search picks on the clip tokens / s
-    before the quantizer rounds it.
     """
     linears = [ctx.linear(name) for name in group.linears]
     originals = [linear.weight.detach().clone() for linear in linears]
@@ -197,7 +184,6 @@ def search_scale(
         channels = torch.arange(x.shape[-1], device=x.device)
     x_mean = _tied_mean(_mean_abs_per_channel(x), channels)
     w_mean = _tied_mean(_normalised_weight_mean(originals, ctx.cfg.group_size), channels) if duo_scaling else None
-    tokens = clip_tokens(x) if clip_aware else None  # [tokens, in]
     inspect = partial(ctx.call_submodule, group.inspect)
     reference = ctx.batched(inspect, x)
     best_loss, best_ratio, best_scales = math.inf, None, None
@@ -207,8 +193,7 @@ def search_scale(
             scales = candidate_scales(x_mean, w_mean, ratio)
             expanded = scales[channels]
             for linear, weight in zip(linears, originals):
-                trial = weight * expanded if tokens is None else clipped(weight * expanded, tokens / expanded, ctx.cfg)
-                linear.weight.copy_(quantizer(trial) / expanded)
+                linear.weight.copy_(quantizer(weight * expanded) / expanded)
             loss = _output_mse(inspect, x, reference)
             if loss < best_loss:
                 best_loss, best_ratio, best_scales = loss, ratio, scales
@@ -320,30 +305,19 @@ def search_clip(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (row, group) of weight [out, in], the clamp range with least MSE of the group's partial output.
 
-    x [..., in] are the linear's inputs; clip_tokens(x) are used.
+    x [n, seq, in] are the linear's inputs; at most CLIP_TOKENS evenly spaced tokens are used.
     Returns (low, high), each [out, groups, 1].
     """
     out_features, in_features = weight.shape
     n_groups = in_features // cfg.group_size
-    tokens = clip_tokens(x)
+    tokens = x.reshape(-1, in_features)
+    tokens = tokens[:: math.ceil(tokens.shape[0] / CLIP_TOKENS)]
     # [groups, tokens, group]: one batched matmul gives every group's partial output
     x_groups = tokens.reshape(-1, n_groups, cfg.group_size).transpose(0, 1)
     rows_per_batch = max(1, CLIP_CHUNK_ELEMENTS // (n_groups * tokens.shape[0]))
     w_groups = weight.reshape(out_features, n_groups, cfg.group_size)
     lows, highs = zip(*(_best_clip(batch, x_groups, cfg, search) for batch in w_groups.split(rows_per_batch)))
     return torch.cat(lows), torch.cat(highs)
-
-
-def clip_tokens(x: torch.Tensor) -> torch.Tensor:
-    """[tokens, in]: at most CLIP_TOKENS evenly spaced tokens of x [..., in]."""
-    tokens = x.reshape(-1, x.shape[-1])
-    return tokens[:: math.ceil(tokens.shape[0] / CLIP_TOKENS)]
-
-
-def clipped(weight: torch.Tensor, tokens: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
-    """weight [out, in] with each (row, group) clamped to the range search_clip picks on tokens [t, in]."""
-    low, high = search_clip(weight, tokens, cfg)
-    return torch.clamp(weight.view(*low.shape[:2], -1), low, high).view_as(weight)
 
 
 def _best_clip(

@@ -18,7 +18,7 @@ from lmcompress.reference.random_checkpoint import make_random_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-AWQ_DEFAULTS = {"clip": True, "duo_scaling": True, "gqa_scaling": True, "clip_aware_scales": False}  # range_search: the method's own default
+AWQ_DEFAULTS = {"clip": True, "duo_scaling": True, "gqa_scaling": True}  # range_search: the method's own default
 GPTQ_DEFAULTS = {"act_order": False, "damp_percent": 0.01}
 
 
@@ -28,7 +28,6 @@ GPTQ_DEFAULTS = {"act_order": False, "damp_percent": 0.01}
         (["--method", "awq"], AWQ_DEFAULTS),
         (["--method", "awq", "--no-gqa-scaling"], AWQ_DEFAULTS | {"gqa_scaling": False}),
         (["--method", "awq", "--range-search"], AWQ_DEFAULTS | {"range_search": True}),
-        (["--method", "awq", "--clip-aware-scales"], AWQ_DEFAULTS | {"clip_aware_scales": True}),
         (["--method", "gptq"], GPTQ_DEFAULTS),
         (["--method", "gptq", "--no-range-search"], GPTQ_DEFAULTS | {"range_search": False}),
         (["--method", "rtn", "--no-range-search"], {}),
@@ -61,5 +60,4 @@ def test_provenance_records_the_method_options(tmp_path):
     ])
     assert outcome.exit_code == 0, outcome.output
     recorded = json.loads((out / PROVENANCE_FILE).read_text())["method_options"]
-    assert recorded == {"clip": False, "duo_scaling": True, "gqa_scaling": False, "clip_aware_scales": False,
-                        "range_search": True}
+    assert recorded == {"clip": False, "duo_scaling": True, "gqa_scaling": False, "range_search": True}

@@ -127,7 +127,6 @@ VARIANTS = {
     "awq_clip_autoawq_grid": ("awq", {}, partial(clip_search, grid=20, max_shrink=0.5, absmax=True)),
     "awq_no_up_down_scaling": ("awq", {}, partial(without_group, "mlp.up_proj")),
     "awq_no_clip": ("awq", {"clip": False}, contextlib.nullcontext),
-    "awq_clip_aware_scales": ("awq", {"clip_aware_scales": True}, contextlib.nullcontext),
     "gptq": ("gptq", {}, contextlib.nullcontext),
 }
 

@@ -135,52 +135,10 @@ def test_default_clip_beats_autoawq_clip_on_unseen_tokens():
     assert unseen_error(ClipSearch()) < 0.99 * unseen_error(AUTOAWQ_CLIP)
 
 
-def test_clip_aware_scales_score_each_candidate_as_it_will_be_clipped(tiny_case):
-    # With clip_aware the search minimises the output error of the clipped-then-rounded trial weights over
-    # the same grid, so its pick can only do better on that error than the plain pick, and on this model
-    # it picks differently for some group.
-    ctx = tiny_case().ctx
-    quantizer = partial(fake_quantize, cfg=ctx.cfg)
-    inputs = _capture_group_inputs(ctx)
-
-    @torch.no_grad()
-    def clipped_error(group, x, scales):
-        scales = scales[channel_map(ctx, group)]
-        linears = [ctx.linear(name) for name in group.linears]
-        originals = [linear.weight.detach().clone() for linear in linears]
-        inspect = partial(ctx.call_submodule, group.inspect)
-        reference = ctx.batched(inspect, x)
-        tokens = awq.clip_tokens(x) / scales
-        for linear, weight in zip(linears, originals):
-            linear.weight.copy_(quantizer(awq.clipped(weight * scales, tokens, ctx.cfg)) / scales)
-        error = awq._output_mse(inspect, x, reference)
-        for linear, weight in zip(linears, originals):
-            linear.weight.copy_(weight)
-        return error
-
-    differs = []
-    for group in ctx.spec.scaling_groups:
-        if channel_map(ctx, group) is None:
-            continue
-        x = inputs[group.linears[0]]
-        channels = channel_map(ctx, group)
-        plain = search_scale(ctx, group, x, quantizer, channels=channels)
-        aware = search_scale(ctx, group, x, quantizer, channels=channels, clip_aware=True)
-        assert clipped_error(group, x, aware) <= clipped_error(group, x, plain)
-        differs.append(not torch.equal(plain, aware))
-    assert any(differs)
-
-
-def test_clip_aware_scales_need_the_clip(tiny_case):
-    with pytest.raises(LmcError, match="--clip-aware-scales"):
-        awq_quantize_layer(tiny_case().ctx, clip=False, clip_aware_scales=True)
-
-
 @pytest.mark.parametrize(
     "options",
-    [{}, {"duo_scaling": False}, {"gqa_scaling": False}, {"range_search": True}, {"clip": False},
-     {"clip_aware_scales": True}],
-    ids=["defaults", "no-duo-scaling", "no-gqa-scaling", "range-search", "no-clip", "clip-aware-scales"],
+    [{}, {"duo_scaling": False}, {"gqa_scaling": False}, {"range_search": True}, {"clip": False}],
+    ids=["defaults", "no-duo-scaling", "no-gqa-scaling", "range-search", "no-clip"],
 )
 def test_layer_options_reach_the_scale_and_clip_searches(tiny_case, monkeypatch, options):
     case = tiny_case("qwen3", kv_heads=2)
@@ -196,10 +154,8 @@ def test_layer_options_reach_the_scale_and_clip_searches(tiny_case, monkeypatch,
     monkeypatch.setattr(awq, "apply_scales", recording_apply_scales)
     monkeypatch.setattr(awq, "clip_linear", recording_clip_linear)
     awq_quantize_layer(case.ctx, **options)
-    expected = {"duo_scaling": True, "gqa_scaling": True, "range_search": False, "clip": True,
-                "clip_aware_scales": False} | options
-    assert (seen["duo_scaling"], seen["gqa_scaling"], seen["clip_aware"]) == (
-        expected["duo_scaling"], expected["gqa_scaling"], expected["clip_aware_scales"])
+    expected = {"duo_scaling": True, "gqa_scaling": True, "range_search": False, "clip": True} | options
+    assert (seen["duo_scaling"], seen["gqa_scaling"]) == (expected["duo_scaling"], expected["gqa_scaling"])
     # the trial quantizer of the scale search: shrink-searched group ranges, or plain min-max ones
     weight = torch.distributions.Laplace(0.0, 0.02).sample((16, 128))
     search = ShrinkSearch() if expected["range_search"] else None
