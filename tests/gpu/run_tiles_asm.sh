@@ -5,11 +5,8 @@
 # M = 1 (tiles against the GEMV), 16, 32, 64; then AWQ variants on the reference model (clip search on the
 # second moments of all calibration tokens).
 source tests/gpu/common.sh
-LMC_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -rf -p no:cacheprovider tests/turbo/kernels/test_w4a16_kernel.py > $OUT/tests.txt 2>&1
-tail -3 $OUT/tests.txt; grep -A30 "^___" $OUT/tests.txt | grep -E "Error|error|assert" | head -12
-step "tests"
-timeout 330 python3 tests/gpu/w4a16_sweep.py $OUT/sweep.json --m 1 16 32 64 --no-gemv > $OUT/sweep.txt 2>&1 || echo "sweep FAILED rc=$?"
-grep -E "None|best config" $OUT/sweep.txt; tail -2 $OUT/sweep.txt | grep -i error
+cuda_tests 150 tests/turbo/kernels/test_w4a16_kernel.py
+sweep sweep 330 --m 1 16 32 64 --no-gemv
 step "sweep"
 timeout 200 python3 tests/gpu/awq_variants.py $OUT/awq_variants.json > $OUT/awq_variants.txt 2>&1 || echo "awq variants FAILED rc=$?"
 cat $OUT/awq_variants.txt | grep -v Warning | tail -9

@@ -413,18 +413,20 @@ def _plane_pair(packed, zero, magic, BYTE: tl.constexpr, dtype: tl.constexpr, AS
     of the block.  ASM: the PTX above (CUDA); else float32 arithmetic (_plane_weight), which the Triton
     interpreter runs."""
     if ASM:
+        # prmt selects byte BYTE into bytes 0 and 2 (fp16) or byte BYTE of the row and of the row >> 4 (bf16);
+        # the fma adds -(1024 + z) and -(64 + z) (fp16: the high half reads 1024 + 16q, times 1/16) or
+        # -(128 + z) to both halves (bf16)
         if dtype == tl.float16:
-            select = tl.full([1, 1], BYTE * 0x0101 + 0x4040, tl.uint32)  # byte BYTE to bytes 0 and 2
-            low, high = tl.inline_asm_elementwise(
-                _PAIR_ASM_FP16, "=h,=h,r,h,h,r",
-                [packed, (-1024.0 - zero).to(tl.float16), (-64.0 - zero).to(tl.float16), select],
-                dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+            select = tl.full([1, 1], BYTE * 0x0101 + 0x4040, tl.uint32)
+            low_offset, high_offset = (-1024.0 - zero).to(dtype), (-64.0 - zero).to(dtype)
         else:
-            select = tl.full([1, 1], BYTE * 0x0101 + 0x4400, tl.uint32)  # byte BYTE of row, of row >> 4
-            low, high = tl.inline_asm_elementwise(
-                _PAIR_ASM_BF16, "=h,=h,r,h,h,r",
-                [packed, (-128.0 - zero).to(tl.bfloat16), (-128.0 - zero).to(tl.bfloat16), select],
-                dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+            select = tl.full([1, 1], BYTE * 0x0101 + 0x4400, tl.uint32)
+            low_offset = (-128.0 - zero).to(dtype)
+            high_offset = low_offset
+        low, high = tl.inline_asm_elementwise(
+            _PAIR_ASM_FP16 if dtype == tl.float16 else _PAIR_ASM_BF16, "=h,=h,r,h,h,r",
+            [packed, low_offset, high_offset, select], dtype=(low_offset.dtype, low_offset.dtype), is_pure=True,
+            pack=1)
     else:
         half = packed >> (16 * (BYTE // 2))
         low = _plane_weight(half, zero, magic, (2 * BYTE) % 4).to(dtype)
