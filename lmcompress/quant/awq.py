@@ -316,27 +316,36 @@ def search_clip(
     x_groups = tokens.reshape(-1, n_groups, cfg.group_size).transpose(0, 1)
     rows_per_batch = max(1, CLIP_CHUNK_ELEMENTS // (n_groups * tokens.shape[0]))
     w_groups = weight.reshape(out_features, n_groups, cfg.group_size)
-    lows, highs = zip(*(_best_clip(batch, x_groups, cfg, search) for batch in w_groups.split(rows_per_batch)))
+    lows, highs = [], []
+    for batch in w_groups.split(rows_per_batch):
+        error = partial(_partial_output_error, x_groups=x_groups, reference=_group_outputs(batch, x_groups))
+        low, high = best_clip(batch, error, cfg, search)
+        lows.append(low)
+        highs.append(high)
     return torch.cat(lows), torch.cat(highs)
 
 
-def _best_clip(
-    w: torch.Tensor, x_groups: torch.Tensor, cfg: QuantConfig, search: ClipSearch
+def best_clip(
+    w: torch.Tensor, error: Callable[[torch.Tensor], torch.Tensor], cfg: QuantConfig, search: ClipSearch
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [rows, groups, group], x_groups [groups, tokens, group] -> best (low, high), each [rows, groups, 1]."""
-    reference = _group_outputs(w, x_groups)
+    """w [rows, groups, group] -> the (low, high), each [rows, groups, 1], of search's grid whose clamped and
+    quantized w has the least error(quantized) [rows, groups, 1]."""
     best_low, best_high = search.ranges(w, 1.0)
     best_error = torch.full_like(best_low, math.inf)
     for shrink in search.shrinks():
         low, high = search.ranges(w, shrink)
-        quantized = fake_quantize_groups(torch.clamp(w, low, high), cfg)
-        # [groups, tokens, rows] -> mean over tokens -> [rows, groups, 1]
-        error = (_group_outputs(quantized, x_groups) - reference).pow(2).mean(dim=1).T.unsqueeze(-1)
-        better = error < best_error
-        best_error = torch.where(better, error, best_error)
+        error_at = error(fake_quantize_groups(torch.clamp(w, low, high), cfg))
+        better = error_at < best_error
+        best_error = torch.where(better, error_at, best_error)
         best_low = torch.where(better, low, best_low)
         best_high = torch.where(better, high, best_high)
     return best_low, best_high
+
+
+def _partial_output_error(quantized: torch.Tensor, x_groups: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """[rows, groups, 1]: the mean over the tokens of the squared difference of each group's partial output
+    under quantized [rows, groups, group] from reference [groups, tokens, rows]."""
+    return (_group_outputs(quantized, x_groups) - reference).pow(2).mean(dim=1).T.unsqueeze(-1)
 
 
 def _group_outputs(w: torch.Tensor, x_groups: torch.Tensor) -> torch.Tensor:

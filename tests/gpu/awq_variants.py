@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import tempfile
 from functools import partial
 from unittest import mock
@@ -25,6 +24,7 @@ from lmcompress import arch
 from lmcompress.evaluate import evaluate_checkpoint
 from lmcompress.pipeline import QuantizeOptions, quantize_checkpoint
 from lmcompress.quant import awq
+from lmcompress.quant.layer import SAMPLES_PER_FORWARD
 
 MODEL = "tests/assets/ref-llama"
 CALIB = "tests/assets/ref-corpus/calib.txt"
@@ -52,24 +52,21 @@ def clip_on_all_tokens(first_share: float | None = None) -> contextlib.AbstractC
             rest = _group_moments(x[:, 1:], groups, cfg.group_size)
             moments = first_share * _group_moments(x[:, :1], groups, cfg.group_size) + (1 - first_share) * rest
         w = weight.reshape(out_features, groups, cfg.group_size)
-        best_low, best_high = search.ranges(w, 1.0)
-        best_error = torch.full_like(best_low, math.inf)
-        for shrink in search.shrinks():
-            low, high = search.ranges(w, shrink)
-            d = (awq.fake_quantize_groups(torch.clamp(w, low, high), cfg) - w).transpose(0, 1)  # [groups, rows, group]
-            error = (torch.bmm(d, moments) * d).sum(dim=-1).T.unsqueeze(-1)
-            better = error < best_error
-            best_error = torch.where(better, error, best_error)
-            best_low, best_high = torch.where(better, low, best_low), torch.where(better, high, best_high)
-        return best_low, best_high
+        return awq.best_clip(w, partial(_moment_error, w=w, moments=moments), cfg, search)
 
     return mock.patch.object(awq, "search_clip", search_clip)
+
+
+def _moment_error(quantized: torch.Tensor, w: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
+    """[rows, groups, 1]: d^T G d, d the error of quantized against w [rows, groups, group], G = moments."""
+    d = (quantized - w).transpose(0, 1)  # [groups, rows, group]
+    return (torch.bmm(d, moments) * d).sum(dim=-1).T.unsqueeze(-1)
 
 
 def _group_moments(x: torch.Tensor, groups: int, group_size: int) -> torch.Tensor:
     """[groups, group, group]: the mean of x_g^T x_g over the tokens of x [n, seq, in]."""
     moments = torch.zeros(groups, group_size, group_size, device=x.device)
-    for chunk in x.split(32):
+    for chunk in x.split(SAMPLES_PER_FORWARD):
         grouped = chunk.reshape(-1, groups, group_size).transpose(0, 1).float()  # [groups, tokens, group]
         moments.baddbmm_(grouped.transpose(1, 2), grouped)
     return moments / (x.shape[0] * x.shape[1])
@@ -88,7 +85,7 @@ def scale_loss_first_share(first_share: float) -> contextlib.AbstractContextMana
 
     def output_mse(fn, x, reference):
         first = rest = torch.zeros((), dtype=torch.float64, device=reference.device)
-        for x_chunk, ref_chunk in zip(x.split(32), reference.split(32)):
+        for x_chunk, ref_chunk in zip(x.split(SAMPLES_PER_FORWARD), reference.split(SAMPLES_PER_FORWARD)):
             error = (fn(x_chunk) - ref_chunk).pow(2)
             first, rest = first + error[:, :1].sum(dtype=torch.float64), rest + error[:, 1:].sum(dtype=torch.float64)
         per_token = reference.numel() // (reference.shape[0] * reference.shape[1])
