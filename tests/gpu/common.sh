@@ -39,11 +39,8 @@ throughput_rows() {
 speed_suite() {
   make_l7_config
   T="lmc bench throughput $L7 --dummy --dtype bfloat16 --device cuda"
-  LMC_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -rf -p no:cacheprovider tests/turbo/kernels/test_w4a16_kernel.py tests/turbo/test_cuda_graph.py tests/turbo/test_llm_equivalence.py > $OUT/tests.txt 2>&1
-  tail -3 $OUT/tests.txt; grep -A30 "^___" $OUT/tests.txt | grep -E "Error|assert" | head -8
-  step "tests"
-  timeout 60 python3 tests/gpu/w4a16_sweep.py $OUT/sweep.json --m 1 16 32 64 --defaults > $OUT/sweep.txt 2>&1 || echo "sweep FAILED rc=$?"
-  grep -E "best config" $OUT/sweep.txt
+  cuda_tests 150 tests/turbo/kernels/test_w4a16_kernel.py tests/turbo/test_cuda_graph.py tests/turbo/test_llm_equivalence.py
+  sweep sweep 60 --m 1 16 32 64 --defaults
   step "w4a16 table"
   throughput_rows
   run ttft512 $T --quant awq-w4g128 --num-prompts 8 --concurrency 1 --input-len 512 --output-len 4

@@ -2,7 +2,7 @@
 ptxas), then print the registers per thread and, for each loop of the SASS, its instruction count by opcode.
 Instructions per weight = the main loop's count / the weights one thread handles per iteration.
 
-    python3 tests/gpu/sass_stats.py BLOCK_M BLOCK_N NUM_WARPS NUM_STAGES [--group 128] [--dtype fp16]
+    python3 tests/gpu/sass_stats.py BLOCK_M BLOCK_N NUM_WARPS NUM_STAGES [--group 128] [--dtype fp16] [--no-asm]
 
 (how docs/perf-notes.md's per-weight instruction counts were made; the GPU's triton may schedule a little
 differently.)  Constexprs the kernel does not take are dropped, so the script also compiles older versions of

@@ -28,7 +28,10 @@ REPLAYS = 5
 
 
 def gemv_configs(quick: bool) -> list[TileConfig]:
-    columns, warps_options, pps_options = ((2,), (2, 4), (8, 16, 24)) if quick else ((1, 2, 4), (1, 2, 4, 8), (2, 4, 8, 16))
+    if quick:
+        columns, warps_options, pps_options = (2,), (2, 4), (8, 16, 24)
+    else:
+        columns, warps_options, pps_options = (1, 2, 4), (1, 2, 4, 8), (2, 4, 8, 16)
     return [TileConfig(1, 32 * per_thread * warps, warps, 1, pps)
             for per_thread in columns for warps in warps_options for pps in pps_options]
 
@@ -78,7 +81,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--m", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--quick", action="store_true", help="M = 1: only the GEMV configs around the table's (2 columns a thread, 2-4 warps, 8-24 programs an SM)")
+    parser.add_argument("--quick", action="store_true", help="M = 1: only the GEMV configs around the table's "
+                        "(2 columns a thread, 2-4 warps, 8-24 programs an SM)")
     parser.add_argument("--no-gemv", action="store_true", help="M = 1: only the tensor-core tiles (block_m 16)")
     parser.add_argument("--defaults", action="store_true", help="only the M-bucket table's configs")
     args = parser.parse_args()
@@ -95,7 +99,8 @@ def main() -> None:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             bf16_us = graph_us([lambda d=d: F.linear(x, d) for d in dense], REPLAYS)
             roof_us = w4_bytes / (copy_gbps * 1e3)
-            configs = [None] + ([] if args.defaults else tile_configs(m) + (gemv_configs(args.quick) if m == 1 and not args.no_gemv else []))
+            gemv = gemv_configs(args.quick) if m == 1 and not args.no_gemv else []
+            configs = [None] + ([] if args.defaults else tile_configs(m) + gemv)
             for config in configs:
                 try:
                     us = graph_us([lambda w=w: w4a16_matmul(x, w, None, config) for w in copies], REPLAYS)
