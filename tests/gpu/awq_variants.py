@@ -1,11 +1,12 @@
 """AWQ variants on the reference model, each quantized and scored on the whole held-out text (issue 2's
 table): the knobs behind the default that no CLI flag reaches, so the default's choice can be rerun.
 
-    python3 tests/gpu/awq_variants.py OUT.json [--device cuda] [--samples 128] [--only NAME ...]
+    python3 tests/gpu/awq_variants.py OUT.json [--device cuda] [--samples 128] [--calib PATH] [--seeds 42 ...]
+        [--only NAME ...]
 
-Each variant quantizes tests/assets/ref-llama with `lmc quantize`'s code (quantize_checkpoint, calib.txt,
-seed 42, 512-token samples) and evaluates it as `lmc eval ppl --max-length 1024 --stride 1024` does; the
-share of RTN's gap to fp closed is printed against fp and RTN from the same run.
+Each variant quantizes tests/assets/ref-llama with `lmc quantize`'s code (quantize_checkpoint, 512-token
+samples of --calib drawn with each seed) and evaluates it as `lmc eval ppl --max-length 1024 --stride 1024`
+does; the share of RTN's gap to fp closed is printed against fp and RTN from the same run.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import torch
 from lmcompress import arch
 from lmcompress.evaluate import evaluate_checkpoint
 from lmcompress.pipeline import QuantizeOptions, quantize_checkpoint
-from lmcompress.quant import awq
-from lmcompress.quant.layer import SAMPLES_PER_FORWARD
+from lmcompress.quant import awq, methods, rtn
+from lmcompress.quant.layer import SAMPLES_PER_FORWARD, LayerContext
 
 MODEL = "tests/assets/ref-llama"
 CALIB = "tests/assets/ref-corpus/calib.txt"
@@ -70,6 +71,52 @@ def _group_moments(x: torch.Tensor, groups: int, group_size: int) -> torch.Tenso
         grouped = chunk.reshape(-1, groups, group_size).transpose(0, 1).float()  # [groups, tokens, group]
         moments.baddbmm_(grouped.transpose(1, 2), grouped)
     return moments / (x.shape[0] * x.shape[1])
+
+
+def clip_on_diagonal_moments() -> contextlib.AbstractContextManager:
+    """The clip search scored on every calibration token with G's diagonal only: sum_i d_i^2 E[x_i^2], the
+    activation-weighted weight error, blind to correlations between input channels."""
+
+    def search_clip(weight, x, cfg, search=awq.ClipSearch()):
+        out_features, in_features = weight.shape
+        groups = in_features // cfg.group_size
+        power = sum(chunk.pow(2).sum(dim=(0, 1)) for chunk in x.split(SAMPLES_PER_FORWARD)) / (x.shape[0] * x.shape[1])
+        power = power.view(1, groups, cfg.group_size)
+        w = weight.reshape(out_features, groups, cfg.group_size)
+        return awq.best_clip(w, lambda quantized: ((quantized - w).pow(2) * power).sum(-1, keepdim=True), cfg, search)
+
+    return mock.patch.object(awq, "search_clip", search_clip)
+
+
+def shrunk_final_ranges() -> contextlib.AbstractContextManager:
+    """The final rounding takes each group's range from GPTQ's weight-space shrink search (rtn.ShrinkSearch,
+    least sum |Q(w) - w|^2.4), as GPTQ's default does, instead of the (clipped) group's [min, max]."""
+
+    def round_layer(ctx):
+        result = {}
+        for name in ctx.spec.linears:
+            linear = ctx.linear(name)
+            result[name] = rtn.quantize_weight(linear.weight, ctx.cfg, name, search=rtn.ShrinkSearch())
+            rtn.write_dequantized(linear, result[name])
+        return result
+
+    return mock.patch.object(awq, "rtn_quantize_layer", round_layer)
+
+
+def two_stage_awq(ctx: LayerContext, **options) -> dict:
+    """AWQ over the attention groups, their linears rounded, then the MLP groups calibrated on the inputs that
+    the quantized attention gives (GPTQ's "true sequential", stage by stage)."""
+    result = {}
+    for prefix in ("self_attn.", "mlp."):
+        spec = dataclasses.replace(
+            ctx.spec, linears=tuple(name for name in ctx.spec.linears if name.startswith(prefix)),
+            scaling_groups=tuple(group for group in ctx.spec.scaling_groups if group.linears[0].startswith(prefix)))
+        result.update(awq.awq_quantize_layer(dataclasses.replace(ctx, spec=spec), **options))
+    return result
+
+
+def two_stage() -> contextlib.AbstractContextManager:
+    return mock.patch.dict(methods.METHODS, {"awq": two_stage_awq})
 
 
 def clip_without_first_token() -> contextlib.AbstractContextManager:
@@ -124,6 +171,12 @@ VARIANTS = {
     "awq_clip_autoawq_grid": ("awq", {}, partial(clip_search, grid=20, max_shrink=0.5, absmax=True)),
     "awq_no_up_down_scaling": ("awq", {}, partial(without_group, "mlp.up_proj")),
     "awq_no_clip": ("awq", {"clip": False}, contextlib.nullcontext),
+    "awq_clip_diagonal": ("awq", {}, clip_on_diagonal_moments),
+    "awq_shrunk_ranges": ("awq", {"clip": False}, shrunk_final_ranges),
+    "awq_clip_then_shrunk_ranges": ("awq", {}, shrunk_final_ranges),
+    "awq_range_search_shrunk_ranges": ("awq", {"clip": False, "range_search": True}, shrunk_final_ranges),
+    "awq_grid_40": ("awq", {"n_grid": 40}, contextlib.nullcontext),
+    "awq_two_stage": ("awq", {}, two_stage),
     "gptq": ("gptq", {}, contextlib.nullcontext),
 }
 
@@ -137,21 +190,27 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--calib", default=CALIB)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42])
     parser.add_argument("--only", nargs="*", default=list(VARIANTS))
     args = parser.parse_args()
     results = {"fp": perplexity(MODEL, args.device)}
-    for name in ["rtn"] + [name for name in args.only if name != "rtn"]:
+    runs = [("rtn", 42)] + [(name, seed) for seed in args.seeds for name in args.only if name != "rtn"]
+    for name, seed in runs:
         method, options, knob = VARIANTS[name]
         with tempfile.TemporaryDirectory() as tmp, knob():
-            opts = QuantizeOptions(method=method, calib_data=CALIB, calib_samples=args.samples,
+            opts = QuantizeOptions(method=method, calib_data=args.calib, calib_samples=args.samples,
+                                   calib_seqlen=args.seqlen, seed=seed,
                                    device=args.device, method_options=options)
             seconds = quantize_checkpoint(MODEL, f"{tmp}/out", opts, progress=False).seconds
-            results[name] = ppl = perplexity(f"{tmp}/out", args.device)
+            ppl = perplexity(f"{tmp}/out", args.device)
+        results["rtn" if name == "rtn" else f"{name}@{seed}"] = ppl
         share = (results["rtn"] - ppl) / (results["rtn"] - results["fp"])
-        print(f"{name:24s} ppl {ppl:.4f}  share of RTN's gap closed {100 * share:5.1f} %  quantize {seconds:.1f} s",
-              flush=True)
+        print(f"{name:24s} seed {seed:3d}  ppl {ppl:.4f}  share of RTN's gap closed {100 * share:5.1f} %  "
+              f"quantize {seconds:.1f} s", flush=True)
     with open(args.out, "w") as f:
-        json.dump({"samples": args.samples, "perplexity": results}, f, indent=1)
+        json.dump({"samples": args.samples, "seqlen": args.seqlen, "calib": args.calib, "perplexity": results}, f, indent=1)
 
 
 if __name__ == "__main__":
