@@ -1,7 +1,7 @@
 """W4A16 launch configs at Llama-2-7B shapes, timed as a decode step runs them: many launches replayed from
 one CUDA graph (no Python launch cost), over enough weight copies that none is read from L2.
 
-    python3 tests/gpu/w4a16_sweep.py OUT.json [--m 1 16 64] [--quick | --defaults]
+    python3 tests/gpu/w4a16_sweep.py OUT.json [--m 1 16 64] [--quick | --defaults] [--gemv-only]
 
 Prints per (M, shape, config): us per call, the share of the W4 roofline (weight bytes at the copy
 bandwidth measured in this run), bf16 cuBLAS's us in the same way, and registers / spills of the kernel.
@@ -37,6 +37,8 @@ def gemv_configs(quick: bool) -> list[TileConfig]:
 
 
 def tile_configs(m: int) -> list[TileConfig]:
+    if m > 64:
+        return large_tile_configs()
     bm = max(16, 1 << (m - 1).bit_length())  # M rounded up to a power of two, at least 16
     out = []
     for bn, warps in ((64, 4), (128, 4), (128, 8), (256, 4), (256, 8)):
@@ -44,6 +46,13 @@ def tile_configs(m: int) -> list[TileConfig]:
             for scale_in_weight in (False, True):
                 out.append(TileConfig(bm, bn, warps, 3, pps, scale_in_weight))
     return out
+
+
+def large_tile_configs() -> list[TileConfig]:
+    """M > 64 (prefill chunks, large batches): tiles of 64 or 128 rows, the pipeline depth swept (x's [32, BM]
+    slices dominate the shared memory there), the scale in the weight, one program an SM (no split-K)."""
+    return [TileConfig(bm, bn, warps, stages, 1, True)
+            for bm in (64, 128) for bn, warps in ((128, 4), (128, 8), (256, 8)) for stages in (2, 3, 4)]
 
 
 def kernel_stats() -> dict:
@@ -85,6 +94,7 @@ def main() -> None:
                         "(2 columns a thread, 2-4 warps, 8-24 programs an SM)")
     parser.add_argument("--no-gemv", action="store_true", help="M = 1: only the tensor-core tiles (block_m 16)")
     parser.add_argument("--defaults", action="store_true", help="only the M-bucket table's configs")
+    parser.add_argument("--gemv-only", action="store_true", help="M = 1: only the GEMV configs (no tiles)")
     args = parser.parse_args()
     device = torch.device("cuda")
     copy_gbps = measure_copy_gbps(device, cuda_timer())
@@ -100,7 +110,8 @@ def main() -> None:
             bf16_us = graph_us([lambda d=d: F.linear(x, d) for d in dense], REPLAYS)
             roof_us = w4_bytes / (copy_gbps * 1e3)
             gemv = gemv_configs(args.quick) if m == 1 and not args.no_gemv else []
-            configs = [None] + ([] if args.defaults else tile_configs(m) + gemv)
+            tiles = [] if m == 1 and args.gemv_only else tile_configs(m)
+            configs = [None] + ([] if args.defaults else tiles + gemv)
             for config in configs:
                 try:
                     us = graph_us([lambda w=w: w4a16_matmul(x, w, None, config) for w in copies], REPLAYS)
