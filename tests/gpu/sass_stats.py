@@ -2,7 +2,7 @@
 ptxas), then print the registers per thread and, for each loop of the SASS, its instruction count by opcode.
 Instructions per weight = the main loop's count / the weights one thread handles per iteration.
 
-    python3 tests/gpu/sass_stats.py BLOCK_M BLOCK_N NUM_WARPS NUM_STAGES [--group 128] [--dtype fp16] [--no-asm]
+    python3 tests/gpu/sass_stats.py BLOCK_M BLOCK_N NUM_WARPS NUM_STAGES [--group 128] [--dtype fp16] [--no-asm] [--pdl]
 
 (how docs/perf-notes.md's per-weight instruction counts were made; the GPU's triton may schedule a little
 differently.)  Constexprs the kernel does not take are dropped, so the script also compiles older versions of
@@ -39,7 +39,7 @@ BIN = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")
 def compile_sm90(args: argparse.Namespace) -> bytes:
     constexprs = {"GROUP": args.group, "HAS_BIAS": False, "BLOCK_M": args.block_m, "BLOCK_N": args.block_n,
                   "SPLIT": True, "DOT_PRECISION": "tf32", "SCALE_IN_WEIGHT": args.scale_in_weight,
-                  "ASM": not args.no_asm}
+                  "ASM": not args.no_asm, "PDL": args.pdl}
     constexprs.update((name, int(value)) for name, value in (item.split("=") for item in args.constexpr))
     constexprs = {name: value for name, value in constexprs.items() if name in w4a16._w4a16_kernel.arg_names}
     signature = {name: kind.format(dtype=args.dtype) for name, kind in SIGNATURE.items()}
@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--constexpr", nargs="*", default=[], metavar="NAME=INT",
                         help="more integer constexprs, for older versions of the kernel (e.g. BLOCK_K=64 before run L)")
     parser.add_argument("--no-asm", action="store_true", help="the interpreter's float32 dequantization")
+    parser.add_argument("--pdl", action="store_true", help="with programmatic dependent launch's waits")
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     args = parser.parse_args()
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from lmcompress.errors import LmcError
+from lmcompress.turbo.kernels.pdl import allow_dependents, pdl_enabled, wait_for_producers
 from lmcompress.turbo.models.decoder import rms_norm_reference, silu_and_mul_reference  # noqa: F401 (the oracles)
 
 SILU_BLOCK = 1024  # output columns per silu_and_mul program
@@ -39,10 +40,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     out = torch.empty_like(rows)
     summed = torch.empty_like(rows) if residual is not None else out
     if rows.shape[0]:
-        block = triton.next_power_of_2(hidden)
+        block, pdl = triton.next_power_of_2(hidden), pdl_enabled(x.device)
         _rms_norm_kernel[(rows.shape[0],)](
             rows, rows if residual is None else residual.reshape(-1, hidden).contiguous(), weight, out, summed,
-            hidden, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(max(block // 512, 1), 16),
+            hidden, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl, num_warps=min(max(block // 512, 1), 16),
+            launch_pdl=pdl,
         )
     if residual is None:
         return out.view(x.shape)
@@ -60,7 +62,9 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     rows = gate_up.reshape(-1, 2 * width).contiguous()
     out = torch.empty(rows.shape[0], width, device=gate_up.device, dtype=gate_up.dtype)
     if rows.shape[0]:
-        _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(width, SILU_BLOCK))](rows, out, width, BLOCK=SILU_BLOCK)
+        pdl = pdl_enabled(gate_up.device)
+        _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(width, SILU_BLOCK))](rows, out, width, BLOCK=SILU_BLOCK,
+                                                                              PDL=pdl, launch_pdl=pdl)
     return out.view(*gate_up.shape[:-1], width)
 
 
@@ -78,17 +82,21 @@ def rotary_(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torc
         )
     if tokens:
         cos, sin = cos.contiguous(), sin.contiguous()
+        pdl = pdl_enabled(query.device)
         _rotary_kernel[(tokens,)](
             query, key, cos, sin, query.stride(0), query.stride(1), key.stride(0), key.stride(1),
             NUM_Q=num_q, NUM_K=num_k, HALF=head_dim // 2, BLOCK_Q=triton.next_power_of_2(num_q),
-            BLOCK_K=triton.next_power_of_2(num_k), BLOCK_HALF=triton.next_power_of_2(head_dim // 2), num_warps=4,
+            BLOCK_K=triton.next_power_of_2(num_k), BLOCK_HALF=triton.next_power_of_2(head_dim // 2), PDL=pdl,
+            num_warps=4, launch_pdl=pdl,
         )
 
 
 @triton.jit
 def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
                    NUM_Q: tl.constexpr, NUM_K: tl.constexpr, HALF: tl.constexpr, BLOCK_Q: tl.constexpr,
-                   BLOCK_K: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                   BLOCK_K: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr):
+    allow_dependents(PDL)
+    wait_for_producers(PDL)
     token = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_HALF)
     col_ok = cols < HALF
@@ -119,7 +127,9 @@ def _rotate_heads(base, stride_h, NUM: tl.constexpr, BLOCK_H: tl.constexpr, cols
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, summed_ptr, D, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    allow_dependents(PDL)
+    wait_for_producers(PDL)
     row = tl.program_id(0).to(tl.int64) * D
     cols = tl.arange(0, BLOCK)
     mask = cols < D
@@ -136,7 +146,9 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, summed_ptr, D, ep
 
 
 @triton.jit
-def _silu_and_mul_kernel(gate_up_ptr, out_ptr, WIDTH, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(gate_up_ptr, out_ptr, WIDTH, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    allow_dependents(PDL)
+    wait_for_producers(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < WIDTH

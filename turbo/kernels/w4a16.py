@@ -60,6 +60,7 @@ from lmcompress.errors import LmcError
 from lmcompress.formats.packing import CODES_PER_INT32, is_identity_groups, pack_nibbles, unpack_nibbles
 from lmcompress.quant.qtensor import SUPPORTED_GROUP_SIZES, QTensor
 from lmcompress.turbo.kernels import MAGIC_BITS, sm_count
+from lmcompress.turbo.kernels.pdl import allow_dependents, pdl_enabled, wait_for_producers
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PLANE_CHANNELS = 16  # input channels of one code plane
@@ -231,13 +232,14 @@ def _launch(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None, out: torch.
     blocks_per_split = triton.cdiv(blocks, _split_count(config, m, n, grid_m * grid_n, blocks, x.device))
     splits = triton.cdiv(blocks, blocks_per_split)
     workspace, counters = _split_buffers(x.device)
+    pdl = pdl_enabled(x.device)
     _w4a16_kernel[(grid_m, grid_n, splits)](
         x, w.qweight, w.scales, w.zeros, bias if bias is not None else out, out, workspace, counters,
         m, n, blocks, blocks_per_split, splits, x.stride(0), out.stride(0), MAGIC_BITS,
         GROUP=w.group_size, HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        SPLIT=splits > 1, SCALE_IN_WEIGHT=config.scale_in_weight, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        ASM=x.is_cuda and x.dtype != torch.float32,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        SPLIT=splits > 1, SCALE_IN_WEIGHT=config.scale_in_weight,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", ASM=x.is_cuda and x.dtype != torch.float32,
+        PDL=pdl, num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
     if splits > 1 and config.block_m > 1:
         _split_reduce_kernel[(triton.cdiv(m * n, REDUCE_BLOCK),)](
@@ -336,17 +338,19 @@ def _gemv_plane(x_row, half, block, J: tl.constexpr):
 
 @triton.jit
 def _gemv_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, pid_m, offs_n, n_mask, N, block_start, block_end,
-                  stride_xm, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+                  stride_xm, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """[1, BN] float32: row pid_m of x times the dequantized W over blocks [block_start, block_end).
 
     The sums over the 16 rows are taken once per group.  Planes 0-5 are masked where they sit (bits 0-23);
     6 and 7 from packed >> 16 (bits 8-15), since bits 24 up are the exponent.  The next block's load is
     issued before this block's math to keep two blocks of weights in flight per thread.  Exact for
-    |x| < 2**52 (x * 2**75 must stay finite).
+    |x| < 2**52 (x * 2**75 must stay finite).  Under PDL (pdl.py) the first block's weights, which no earlier
+    kernel writes, are requested before waiting for the kernel that wrote x.
     """
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm + 2 * tl.arange(0, 16)
     packed = _load_block(qweight_ptr, block_start, offs_n, n_mask[None, :], N)
+    wait_for_producers(PDL)
     for block in range(block_start, block_end):
         # The last iteration reloads its own block (a cache hit) instead of masking the prefetch.
         upcoming = _load_block(qweight_ptr, tl.minimum(block + 1, block_end - 1), offs_n, n_mask[None, :], N)
@@ -483,10 +487,13 @@ def _tile_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, offs_m, m_mask, off
 def _w4a16_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, workspace_ptr, counters_ptr,
                   M, N, NUM_BLOCKS, BLOCKS_PER_SPLIT, SPLITS, stride_xm, stride_om, magic,
                   GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALE_IN_WEIGHT: tl.constexpr, ASM: tl.constexpr):
+                  SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALE_IN_WEIGHT: tl.constexpr, ASM: tl.constexpr,
+                  PDL: tl.constexpr):
     """Program (m, n, s) computes output tile (m, n) over K split s; grid (cdiv(M, BM), cdiv(N, BN), splits).
     Split launches store the float32 partial to workspace [s, M, N]; for the GEMV the last split of a tile sums
-    them, for tiles _split_reduce_kernel does."""
+    them, for tiles _split_reduce_kernel does.  PDL: the GEMV waits for x's producer inside _gemv_partial,
+    after its first weight loads; the tiles wait here."""
+    allow_dependents(PDL)
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -495,8 +502,9 @@ def _w4a16_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, 
     block_end = tl.minimum(block_start + BLOCKS_PER_SPLIT, NUM_BLOCKS)
     if BLOCK_M == 1:
         acc = _gemv_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, pid_m, offs_n, n_mask, N, block_start,
-                            block_end, stride_xm, GROUP, BLOCK_N)
+                            block_end, stride_xm, GROUP, BLOCK_N, PDL)
     else:
+        wait_for_producers(PDL)
         acc = _tile_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, offs_m, m_mask, offs_n, n_mask, N,
                             block_start, block_end, stride_xm, magic, BLOCK_M, BLOCK_N, GROUP, DOT_PRECISION,
                             SCALE_IN_WEIGHT, ASM)

@@ -1,0 +1,52 @@
+"""Programmatic dependent launch (PDL, Hopper and later): a kernel launched with it may start while the kernel
+before it in the stream is still finishing, and waits for that kernel's memory (griddepcontrol.wait) only where
+it first reads what an earlier kernel wrote.
+
+At batch 1 a decode step is a chain of ~10 small launches a layer, and every W4A16 linear paid a floor of
+about 4.5 us (launch, ramp, split-K tail; docs/benchmarks.md).  With PDL each of turbo's decode kernels lets
+the next one launch as soon as all of its own programs are running (allow_dependents), and the next one's
+programs wait (wait_for_producers) before their first dependent load: the W4A16 GEMV issues its first weight
+block's loads, which depend on no earlier kernel, before it waits.
+
+Safety: a kernel launched with PDL must wait before it reads or writes any memory an earlier kernel in the
+stream may still read or write, and every program of it waits unconditionally, so that its completion implies
+the completion of every kernel before it (the waits chain).  `LMC_PDL=0` turns PDL off (every launch then
+waits for the whole previous kernel, as without it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Launch turbo's decode kernels with PDL on `device`: a CUDA device of compute capability 9.0 or later,
+    a triton that has the grid-dependency-control ops, and LMC_PDL not set to 0."""
+    if device.type != "cuda" or os.environ.get("LMC_PDL", "1") == "0":
+        return False
+    return _capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _capable(device_index: int) -> bool:
+    has_ops = hasattr(getattr(tl.extra, "cuda", None), "gdc_wait")
+    return has_ops and torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+@triton.jit
+def allow_dependents(PDL: tl.constexpr):
+    """Let the next kernel in the stream launch once every program of this one has reached this point."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def wait_for_producers(PDL: tl.constexpr):
+    """Block until the kernels before this one in the stream have finished and their writes are visible."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
