@@ -28,7 +28,7 @@ from lmcompress.turbo.kernels import w4a16  # noqa: E402
 
 # Arguments the launch passes; the integers that are multiples of 16 at Llama shapes get Triton's
 # divisibility hint, as the JIT gives them at run time (it decides the vector width of the loads).
-SIGNATURE = {"x_ptr": "*{dtype}", "xs_ptr": "*fp32", "sums_ptr": "*fp32", "qweight_ptr": "*i32", "scales_ptr": "*{dtype}", "zeros_ptr": "*u8",
+SIGNATURE = {"x_ptr": "*{dtype}", "qweight_ptr": "*i32", "scales_ptr": "*{dtype}", "zeros_ptr": "*u8",
              "bias_ptr": "*{dtype}", "out_ptr": "*{dtype}", "workspace_ptr": "*fp32", "counters_ptr": "*i32",
              "M": "i32", "N": "i32", "NUM_BLOCKS": "i32", "BLOCKS_PER_SPLIT": "i32", "SPLITS": "i32",
              "stride_xm": "i32", "stride_om": "i32", "magic": "i32"}

@@ -232,21 +232,14 @@ def _launch(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None, out: torch.
     blocks_per_split = triton.cdiv(blocks, _split_count(config, m, n, grid_m * grid_n, blocks, x.device))
     splits = triton.cdiv(blocks, blocks_per_split)
     workspace, counters = _split_buffers(x.device)
-    pdl = config.block_m == 1 and pdl_enabled(x.device)
-    gemv = config.block_m == 1
-    # GEMV scratch: x pre-scaled [M, K'] float32 and its group sums [M, K' / g] (see _prescale_x)
-    x_scaled = torch.empty(m if gemv else 0, w.padded_in_features, device=x.device, dtype=torch.float32)
-    group_sums = torch.empty(m if gemv else 0, w.padded_in_features // w.group_size, device=x.device,
-                             dtype=torch.float32)
+    pdl = config.block_m == 1 and pdl_enabled(x.device)  # the GEMV only: the tiles gained nothing (run Z)
     _w4a16_kernel[(grid_m, grid_n, splits)](
-        x, x_scaled, group_sums, w.qweight, w.scales, w.zeros, bias if bias is not None else out, out, workspace,
-        counters,
+        x, w.qweight, w.scales, w.zeros, bias if bias is not None else out, out, workspace, counters,
         m, n, blocks, blocks_per_split, splits, x.stride(0), out.stride(0), MAGIC_BITS,
         GROUP=w.group_size, HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         SPLIT=splits > 1, SCALE_IN_WEIGHT=config.scale_in_weight,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        ASM=x.is_cuda and x.dtype != torch.float32, PDL=pdl,
-        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", ASM=x.is_cuda and x.dtype != torch.float32,
+        PDL=pdl, num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
     if splits > 1 and config.block_m > 1:
         _split_reduce_kernel[(triton.cdiv(m * n, REDUCE_BLOCK),)](
@@ -329,78 +322,53 @@ def _load_block(qweight_ptr, block, offs_n, mask, N):
 
 
 @triton.jit
-def _prescale_x(x_ptr, xs_row, sums_row, pid_m, block_start, block_end, stride_xm, GROUP: tl.constexpr):
-    """Write row pid_m of x over blocks [block_start, block_end) into this row's GEMV scratch, once per program
-    instead of once per thread that reads it: xs[128b + 16J + r] = x[128b + 32 (J // 2) + 2r + J % 2] *
-    2**(75 - 4P) (code plane J's 16 channels made contiguous, each scaled for its nibble position P, see
-    _gemv_plane) and sums[b * 128 / g + i] = the sum of x over group i of block b.
-
-    Every program of a K split writes the same values to the same addresses (it reads them back after its own
-    barrier, so it never depends on another program's timing); doing it here, not in a kernel of its own,
-    saves a launch per linear.
-    """
-    plane = tl.arange(0, 8)[:, None]  # [8, 1]
-    row = tl.arange(0, 16)[None, :]  # [1, 16]
-    channel = 32 * (plane // 2) + 2 * row + plane % 2  # [8, 16]
-    position = plane - 4 * (plane // 6)
-    factor = ((127 + 75 - 4 * position) << 23).to(tl.float32, bitcast=True)  # 2**(75 - 4P), exactly
-    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
-    for block in range(block_start, block_end):
-        x = tl.load(x_row + block * 128 + channel).to(tl.float32)  # [8, 16]
-        tl.store(xs_row + block * 128 + 16 * plane + row, x * factor)
-        sums = tl.sum(tl.sum(x.reshape(128 // GROUP, GROUP // 16, 16), axis=2), axis=1)  # [128 / g]
-        tl.store(sums_row + block * (128 // GROUP) + tl.arange(0, 128 // GROUP), sums)
-    tl.debug_barrier()
-
-
-@triton.jit
-def _gemv_plane(xs_row, half, block, J: tl.constexpr):
-    """[16, BN] x * q * 2**-74 of code plane J of a block, x from the pre-scaled scratch (_prescale_x).
+def _gemv_plane(x_row, half, block, J: tl.constexpr):
+    """Code plane J of a block against its 16 channels of x (x_row: the even channels 2r of row m): ([16, BN]
+    x * q * 2**-74, [16, 1] x).
 
     `half` holds the plane's nibble at bits 4P..4P+3, P = J for J < 6 (packed), J - 4 for 6 and 7 (packed
     >> 16): below bit 24, the float32 exponent.  The nibble masked where it sits reads as the float32
     denormal q * 2**(4P - 149), so x * 2**(75 - 4P) times it is x * q * 2**-74, exactly rounded.
     """
     P: tl.constexpr = J - 4 * (J // 6)
-    x = tl.load(xs_row + block * 128 + 16 * J + tl.arange(0, 16))[:, None]
+    x = tl.load(x_row + block * 128 + 32 * (J // 2) + J % 2).to(tl.float32)[:, None]
     q = (half & (0xF << (4 * P))).to(tl.float32, bitcast=True)
-    return x * q
+    return (x * (2.0 ** (75 - 4 * P))) * q, x
 
 
 @triton.jit
-def _gemv_partial(x_ptr, xs_ptr, sums_ptr, qweight_ptr, scales_ptr, zeros_ptr, pid_m, offs_n, n_mask, N,
-                  block_start, block_end, stride_xm, K_PADDED, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                  PDL: tl.constexpr):
+def _gemv_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, pid_m, offs_n, n_mask, N, block_start, block_end,
+                  stride_xm, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """[1, BN] float32: row pid_m of x times the dequantized W over blocks [block_start, block_end).
 
-    x is first pre-scaled into the scratch (_prescale_x), so a weight costs one LOP and one FMA and a group
-    one load of its x sum.  The sums over the 16 rows are taken once per group.  Planes 0-5 are masked where
-    they sit (bits 0-23); 6 and 7 from packed >> 16 (bits 8-15), since bits 24 up are the exponent.  The next
-    block's load is issued before this block's math to keep two blocks of weights in flight per thread.
-    Exact for |x| < 2**52 (x * 2**75 must stay finite).  Under PDL the first block's weights, which no
-    earlier kernel writes, are requested before waiting for the kernel that wrote x.
+    The sums over the 16 rows are taken once per group.  Planes 0-5 are masked where they sit (bits 0-23);
+    6 and 7 from packed >> 16 (bits 8-15), since bits 24 up are the exponent.  The next block's load is
+    issued before this block's math to keep two blocks of weights in flight per thread.  Exact for
+    |x| < 2**52 (x * 2**75 must stay finite).  Under PDL (pdl.py) the first block's weights, which no earlier
+    kernel writes, are requested before waiting for the kernel that wrote x.
     """
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    xs_row = xs_ptr + pid_m.to(tl.int64) * K_PADDED
-    sums_row = sums_ptr + pid_m.to(tl.int64) * (K_PADDED // GROUP)
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm + 2 * tl.arange(0, 16)
     packed = _load_block(qweight_ptr, block_start, offs_n, n_mask[None, :], N)
     wait_for_producers(PDL)
-    _prescale_x(x_ptr, xs_row, sums_row, pid_m, block_start, block_end, stride_xm, GROUP)
     for block in range(block_start, block_end):
         # The last iteration reloads its own block (a cache hit) instead of masking the prefetch.
         upcoming = _load_block(qweight_ptr, tl.minimum(block + 1, block_end - 1), offs_n, n_mask[None, :], N)
         for group in tl.static_range(128 // GROUP):  # the planes of one group share its zero and scale
             x_dot_q = tl.zeros([16, BLOCK_N], dtype=tl.float32)  # units of 2**-74
+            x_sum = tl.zeros([16, 1], dtype=tl.float32)
             for plane in tl.static_range(GROUP // 16):
                 if group * (GROUP // 16) + plane == 6:
                     # Shift in place once planes 0-5 are done: a separate high half would hold another
                     # [16, BN] int32 in registers while two blocks are in flight.
                     packed = packed >> 16
-                x_dot_q += _gemv_plane(xs_row, packed, block, group * (GROUP // 16) + plane)
+                x_q, x = _gemv_plane(x_row, packed, block, group * (GROUP // 16) + plane)
+                x_dot_q += x_q
+                x_sum += x
             scale, zero = _plane_params(scales_ptr, zeros_ptr, block, offs_n, n_mask, N, group * (GROUP // 16),
                                         GROUP)
-            x_sum = tl.load(sums_row + block * (128 // GROUP) + group)
-            acc += scale * (tl.sum(x_dot_q, axis=0) * (2.0 ** 74) - zero.to(tl.float32) * x_sum)
+            x_dot_w = tl.sum(x_dot_q, axis=0) * (2.0 ** 74) - zero.to(tl.float32) * tl.sum(x_sum, axis=0)
+            acc += scale * x_dot_w
         packed = upcoming
     return acc[None, :]
 
@@ -516,16 +484,15 @@ def _tile_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, offs_m, m_mask, off
 
 
 @triton.jit(do_not_specialize=["M"])
-def _w4a16_kernel(x_ptr, xs_ptr, sums_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, workspace_ptr,
-                  counters_ptr,
+def _w4a16_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, workspace_ptr, counters_ptr,
                   M, N, NUM_BLOCKS, BLOCKS_PER_SPLIT, SPLITS, stride_xm, stride_om, magic,
                   GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALE_IN_WEIGHT: tl.constexpr, ASM: tl.constexpr,
                   PDL: tl.constexpr):
     """Program (m, n, s) computes output tile (m, n) over K split s; grid (cdiv(M, BM), cdiv(N, BN), splits).
     Split launches store the float32 partial to workspace [s, M, N]; for the GEMV the last split of a tile sums
-    them, for tiles _split_reduce_kernel does.  PDL (pdl.py): the GEMV waits for x's producer inside
-    _gemv_partial, after its first weight loads; the tiles wait here."""
+    them, for tiles _split_reduce_kernel does.  PDL (the GEMV only): it lets the next kernel launch, and
+    _gemv_partial waits for x's producer after its first weight loads."""
     allow_dependents(PDL)
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -534,10 +501,9 @@ def _w4a16_kernel(x_ptr, xs_ptr, sums_ptr, qweight_ptr, scales_ptr, zeros_ptr, b
     block_start = pid_k * BLOCKS_PER_SPLIT
     block_end = tl.minimum(block_start + BLOCKS_PER_SPLIT, NUM_BLOCKS)
     if BLOCK_M == 1:
-        acc = _gemv_partial(x_ptr, xs_ptr, sums_ptr, qweight_ptr, scales_ptr, zeros_ptr, pid_m, offs_n, n_mask, N,
-                            block_start, block_end, stride_xm, NUM_BLOCKS * 128, GROUP, BLOCK_N, PDL)
+        acc = _gemv_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, pid_m, offs_n, n_mask, N, block_start,
+                            block_end, stride_xm, GROUP, BLOCK_N, PDL)
     else:
-        wait_for_producers(PDL)
         acc = _tile_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, offs_m, m_mask, offs_n, n_mask, N,
                             block_start, block_end, stride_xm, magic, BLOCK_M, BLOCK_N, GROUP, DOT_PRECISION,
                             SCALE_IN_WEIGHT, ASM)
