@@ -33,6 +33,11 @@ throughput_rows() {
   done
   run b64_w4_int8 $T --quant awq-w4g128 --kv-cache-dtype int8 --num-prompts 256 --concurrency 64 --input-len 128 --output-len 128
 }
+# Batch-1 TTFT of a 512-token prompt, W4 (needs $T), and HF generate() at batch 64 with a static cache (TMO 200 s).
+ttft512_row() { run ttft512 $T --quant awq-w4g128 --num-prompts 8 --concurrency 1 --input-len 512 --output-len 4; }
+hf_b64_row() {
+  TMO=${1:-200} run hf_b64 lmc bench hf $L7 --dummy --batch-size 64 --input-len 128 --output-len 128 --cache static --dtype bf16 --device cuda
+}
 # The speed suite of runs M and P: CUDA tests of the W4A16 kernel, CUDA graphs and generate() equivalence, the
 # W4A16 table configs in CUDA graphs, the throughput rows, TTFT-512, batch 64 with 2,048-token prefill chunks,
 # the batch-1 kernel profile and HF batch 64 (the rows of docs/benchmarks.md).
@@ -43,11 +48,11 @@ speed_suite() {
   sweep sweep 60 --m 1 16 32 64 --defaults
   step "w4a16 table"
   throughput_rows
-  run ttft512 $T --quant awq-w4g128 --num-prompts 8 --concurrency 1 --input-len 512 --output-len 4
+  ttft512_row
   run b64_w4_int8_chunk2048 $T --quant awq-w4g128 --kv-cache-dtype int8 --num-prompts 256 --concurrency 64 --input-len 128 --output-len 128 --max-num-batched-tokens 2048
   run b1_w4_profile $T --quant awq-w4g128 --num-prompts 2 --concurrency 1 --input-len 128 --output-len 128 --profile
   step "throughput"
-  TMO=200 run hf_b64 lmc bench hf $L7 --dummy --batch-size 64 --input-len 128 --output-len 128 --cache static --dtype bf16 --device cuda
+  hf_b64_row
   step "hf"
 }
 # cuda_tests LIMIT FILES...: the given test files on CUDA into $OUT/tests.txt, printing the summary and failures.

@@ -10,7 +10,7 @@ timeout 90 lmc bench kernels --json $OUT/kernels.json > $OUT/kernels.txt 2>&1; t
 step "bench kernels"
 throughput_rows
 run b64_w4_bf16kv $T --quant awq-w4g128 --num-prompts 256 --concurrency 64 --input-len 128 --output-len 128
-run ttft512 $T --quant awq-w4g128 --num-prompts 8 --concurrency 1 --input-len 512 --output-len 4
+ttft512_row
 step "throughput"
 for kv in bfloat16 int8 int4; do
   run kvbound_$kv $T --quant awq-w4g128 --kv-cache-dtype $kv --kv-cache-memory 6GiB --num-prompts 128 --concurrency 128 --input-len 1024 --output-len 128
@@ -18,5 +18,5 @@ done
 step "kv-bound"
 TMO=90 run prefix32k lmc bench prefix $L7 --dummy --quant awq-w4g128 --dtype bfloat16 --device cuda --max-model-len 33280 --prefix-len 32768
 step "prefix"
-TMO=200 run hf_b64 lmc bench hf $L7 --dummy --batch-size 64 --input-len 128 --output-len 128 --cache static --dtype bf16 --device cuda
+hf_b64_row
 step "hf"

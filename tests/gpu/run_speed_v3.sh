@@ -12,8 +12,8 @@ grep -E "M=" $OUT/sweep.txt | grep -v best
 timeout 90 lmc bench kernels --json $OUT/kernels.json > $OUT/kernels.txt 2>&1 || echo "bench kernels FAILED"
 step "kernels"
 throughput_rows
-run ttft512 $T --quant awq-w4g128 --num-prompts 8 --concurrency 1 --input-len 512 --output-len 4
+ttft512_row
 step "throughput"
-TMO=200 run hf_b64 lmc bench hf $L7 --dummy --batch-size 64 --input-len 128 --output-len 128 --cache static --dtype bf16 --device cuda
+hf_b64_row
 step "hf"
 cd $OUT && tar czf all.tgz *.json *.txt

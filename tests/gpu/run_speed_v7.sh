@@ -11,8 +11,8 @@ sweep sweep_gemv 100 --m 1 --gemv-only
 sweep sweep_tiles 40 --m 16 32 64 --defaults
 step "sweeps"
 throughput_rows
-run ttft512 $T --quant awq-w4g128 --num-prompts 8 --concurrency 1 --input-len 512 --output-len 4
+ttft512_row
 step "throughput"
-TMO=150 run hf_b64 lmc bench hf $L7 --dummy --batch-size 64 --input-len 128 --output-len 128 --cache static --dtype bf16 --device cuda
+hf_b64_row 150
 step "hf"
 cd $OUT && tar czf all.tgz *.json *.txt
