@@ -110,7 +110,7 @@ class PackedW4:
         group_pad = pad // qt.group_size
         codes = F.pad(codes, (0, pad))
         blocks = codes.reshape(out_features, -1, 4, PLANE_CHANNELS, 2)  # [N, K'/128, byte i, row r, nibble parity]
-        return cls(
+        packed = cls(
             qweight=pack_nibbles(blocks.transpose(2, 3).reshape(out_features, -1)).t().contiguous(),
             scales=F.pad(qt.scales, (0, group_pad)).t().contiguous(),  # padded channels: scale 0
             zeros=F.pad(qt.zeros, (0, group_pad)).t().contiguous(),
@@ -119,6 +119,11 @@ class PackedW4:
             group_size=qt.group_size,
             dtype=dtype,
         )
+        if packed.qweight.is_cuda:
+            # Under PDL the GEMV reads its weights before waiting for the kernels before it (pdl.py), so the
+            # packing kernels must be done before any launch that may use them: once per linear, at load.
+            torch.cuda.current_stream(packed.qweight.device).synchronize()
+        return packed
 
     def codes(self) -> torch.Tensor:
         """[N, K'] uint8 codes in packed channel order (perm applied, padding included)."""
