@@ -210,7 +210,8 @@ def main() -> None:
         print(f"{name:24s} seed {seed:3d}  ppl {ppl:.4f}  share of RTN's gap closed {100 * share:5.1f} %  "
               f"quantize {seconds:.1f} s", flush=True)
     with open(args.out, "w") as f:
-        json.dump({"samples": args.samples, "seqlen": args.seqlen, "calib": args.calib, "perplexity": results}, f, indent=1)
+        json.dump({"samples": args.samples, "seqlen": args.seqlen, "calib": args.calib, "perplexity": results}, f,
+                  indent=1)
 
 
 if __name__ == "__main__":

@@ -43,8 +43,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         block, pdl = triton.next_power_of_2(hidden), pdl_enabled(x.device)
         _rms_norm_kernel[(rows.shape[0],)](
             rows, rows if residual is None else residual.reshape(-1, hidden).contiguous(), weight, out, summed,
-            hidden, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl, num_warps=min(max(block // 512, 1), 16),
-            launch_pdl=pdl,
+            hidden, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl,
+            num_warps=min(max(block // 512, 1), 16), launch_pdl=pdl,
         )
     if residual is None:
         return out.view(x.shape)
