@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from lmcompress.errors import LmcError
-from lmcompress.turbo.kernels.pdl import allow_dependents, pdl_enabled, wait_for_producers
+from lmcompress.turbo.kernels.pdl import enter_after_producers, pdl_launch
 from lmcompress.turbo.models.decoder import rms_norm_reference, silu_and_mul_reference  # noqa: F401 (the oracles)
 
 SILU_BLOCK = 1024  # output columns per silu_and_mul program
@@ -40,11 +40,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     out = torch.empty_like(rows)
     summed = torch.empty_like(rows) if residual is not None else out
     if rows.shape[0]:
-        block, pdl = triton.next_power_of_2(hidden), pdl_enabled(x.device)
+        block = triton.next_power_of_2(hidden)
         _rms_norm_kernel[(rows.shape[0],)](
             rows, rows if residual is None else residual.reshape(-1, hidden).contiguous(), weight, out, summed,
-            hidden, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl,
-            num_warps=min(max(block // 512, 1), 16), launch_pdl=pdl,
+            hidden, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(max(block // 512, 1), 16),
+            **pdl_launch(x.device),
         )
     if residual is None:
         return out.view(x.shape)
@@ -62,9 +62,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     rows = gate_up.reshape(-1, 2 * width).contiguous()
     out = torch.empty(rows.shape[0], width, device=gate_up.device, dtype=gate_up.dtype)
     if rows.shape[0]:
-        pdl = pdl_enabled(gate_up.device)
         _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(width, SILU_BLOCK))](rows, out, width, BLOCK=SILU_BLOCK,
-                                                                              PDL=pdl, launch_pdl=pdl)
+                                                                              **pdl_launch(gate_up.device))
     return out.view(*gate_up.shape[:-1], width)
 
 
@@ -82,12 +81,11 @@ def rotary_(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torc
         )
     if tokens:
         cos, sin = cos.contiguous(), sin.contiguous()
-        pdl = pdl_enabled(query.device)
         _rotary_kernel[(tokens,)](
             query, key, cos, sin, query.stride(0), query.stride(1), key.stride(0), key.stride(1),
             NUM_Q=num_q, NUM_K=num_k, HALF=head_dim // 2, BLOCK_Q=triton.next_power_of_2(num_q),
-            BLOCK_K=triton.next_power_of_2(num_k), BLOCK_HALF=triton.next_power_of_2(head_dim // 2), PDL=pdl,
-            num_warps=4, launch_pdl=pdl,
+            BLOCK_K=triton.next_power_of_2(num_k), BLOCK_HALF=triton.next_power_of_2(head_dim // 2), num_warps=4,
+            **pdl_launch(query.device),
         )
 
 
@@ -95,8 +93,7 @@ def rotary_(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torc
 def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
                    NUM_Q: tl.constexpr, NUM_K: tl.constexpr, HALF: tl.constexpr, BLOCK_Q: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr):
-    allow_dependents(PDL)
-    wait_for_producers(PDL)
+    enter_after_producers(PDL)
     token = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_HALF)
     col_ok = cols < HALF
@@ -128,8 +125,7 @@ def _rotate_heads(base, stride_h, NUM: tl.constexpr, BLOCK_H: tl.constexpr, cols
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, summed_ptr, D, eps,
                      HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    allow_dependents(PDL)
-    wait_for_producers(PDL)
+    enter_after_producers(PDL)
     row = tl.program_id(0).to(tl.int64) * D
     cols = tl.arange(0, BLOCK)
     mask = cols < D
@@ -147,8 +143,7 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, summed_ptr, D, ep
 
 @triton.jit
 def _silu_and_mul_kernel(gate_up_ptr, out_ptr, WIDTH, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    allow_dependents(PDL)
-    wait_for_producers(PDL)
+    enter_after_producers(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < WIDTH

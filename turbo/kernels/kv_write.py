@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lmcompress.turbo.kernels.pdl import allow_dependents, pdl_enabled, wait_for_producers
+from lmcompress.turbo.kernels.pdl import enter_after_producers, pdl_launch
 from lmcompress.turbo.kv_cache import MIN_SCALE, LayerKVCache, QuantKVPool
 
 _MIN_SCALE = tl.constexpr(MIN_SCALE)
@@ -102,8 +102,7 @@ def _write_kv_kernel(slots_ptr, key_ptr, value_ptr, k_data, v_data, k_meta, v_me
                      stride_kt, stride_kh, stride_vt, stride_vh, stride_slot, stride_meta_slot,
                      NUM_HEADS: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BITS: tl.constexpr, DYNAMIC: tl.constexpr, PDL: tl.constexpr):
-    allow_dependents(PDL)
-    wait_for_producers(PDL)
+    enter_after_producers(PDL)
     token = tl.program_id(0)
     slot = tl.load(slots_ptr + token).to(tl.int64)
     if slot >= 0:
@@ -125,7 +124,6 @@ def write_kv(cache: LayerKVCache, slots: torch.Tensor, key: torch.Tensor, value:
     keys, values = cache.keys, cache.values
     key, value = (x if x.stride(-1) == 1 else x.contiguous() for x in (key, value))
     bits, dynamic, static = pool_kind(cache)
-    pdl = pdl_enabled(key.device)
     _write_kv_kernel[(num_tokens,)](
         slots, key, value, keys.data, values.data,
         keys.meta if dynamic else None, values.meta if dynamic else None,
@@ -134,6 +132,5 @@ def write_kv(cache: LayerKVCache, slots: torch.Tensor, key: torch.Tensor, value:
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         keys.data.stride(0), num_heads * 2,
         NUM_HEADS=num_heads, HEADS_P2=triton.next_power_of_2(num_heads), HEAD_DIM=head_dim,
-        BITS=bits, DYNAMIC=dynamic, PDL=pdl,
-        num_warps=4, launch_pdl=pdl,
+        BITS=bits, DYNAMIC=dynamic, num_warps=4, **pdl_launch(key.device),
     )

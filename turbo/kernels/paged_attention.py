@@ -44,7 +44,7 @@ import triton.language as tl
 from lmcompress.errors import LmcError
 from lmcompress.turbo.kernels import MAGIC_BITS, sm_count
 from lmcompress.turbo.kernels.kv_write import pool_kind, supports
-from lmcompress.turbo.kernels.pdl import allow_dependents, pdl_enabled, wait_for_producers
+from lmcompress.turbo.kernels.pdl import enter_after_producers, pdl_launch
 from lmcompress.turbo.kv_cache import LayerKVCache, QuantKVPool
 
 __all__ = ["DecodeLaunch", "decode_launch", "paged_decode_attention", "paged_prefill_attention", "supports"]
@@ -312,8 +312,7 @@ def _decode_kernel(query, k_data, v_data, k_meta, v_meta, k_static_scale, v_stat
                    BITS: tl.constexpr, DYNAMIC: tl.constexpr, STATIC: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    PDL: tl.constexpr):
-    allow_dependents(PDL)
-    wait_for_producers(PDL)
+    enter_after_producers(PDL)
     kv_head = tl.program_id(0)
     part = tl.program_id(1)
     seq = tl.program_id(2)
@@ -357,8 +356,7 @@ def _decode_kernel(query, k_data, v_data, k_meta, v_meta, k_static_scale, v_stat
 def _merge_partitions_kernel(part_acc, part_stats, out, NUM_HEADS: tl.constexpr, PARTITIONS: tl.constexpr,
                              HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
     """out[b, h] = sum_p 2**(m_p - M) acc_p / sum_p 2**(m_p - M) l_p; empty partitions have m = -inf, l = 0."""
-    allow_dependents(PDL)
-    wait_for_producers(PDL)
+    enter_after_producers(PDL)
     head = tl.program_id(0)
     seq = tl.program_id(1)
     parts = (seq * NUM_HEADS + head) * PARTITIONS + tl.arange(0, PARTITIONS)
@@ -468,20 +466,20 @@ def paged_decode_attention(query: torch.Tensor, cache: LayerKVCache, block_table
     if partitions > 1:
         part_acc = torch.empty(batch, num_heads, partitions, head_dim, dtype=torch.float32, device=query.device)
         part_stats = torch.empty(batch, num_heads, partitions, 2, dtype=torch.float32, device=query.device)
-    pdl = pdl_enabled(query.device)
+    pdl = pdl_launch(query.device)
     _decode_kernel[(num_kv_heads, partitions, batch)](
         query, *kv_tensors, block_tables, seq_lens, out, part_acc, part_stats,
         scale * LOG2E, MAGIC_BITS, query.stride(0), query.stride(1), block_tables.stride(0),
         _slot_stride(cache), num_kv_heads,
         NUM_HEADS=num_heads, GROUP=group, BLOCK_G=1 if group == 1 else max(16, triton.next_power_of_2(group)),
         PARTITIONS=partitions, HEAD_DIM=head_dim, BLOCK_N=launch.block_n, BLOCK_SIZE=cache.block_size,
-        DOT_PRECISION=_dot_precision(query.dtype), **kinds, PDL=pdl, num_warps=launch.num_warps,
-        num_stages=launch.num_stages, launch_pdl=pdl,
+        DOT_PRECISION=_dot_precision(query.dtype), **kinds, num_warps=launch.num_warps,
+        num_stages=launch.num_stages, **pdl,
     )
     if partitions > 1:
         _merge_partitions_kernel[(num_heads, batch)](
-            part_acc, part_stats, out, NUM_HEADS=num_heads, PARTITIONS=partitions, HEAD_DIM=head_dim, PDL=pdl,
-            num_warps=4, launch_pdl=pdl,
+            part_acc, part_stats, out, NUM_HEADS=num_heads, PARTITIONS=partitions, HEAD_DIM=head_dim, num_warps=4,
+            **pdl,
         )
     return out
 

@@ -26,6 +26,13 @@ import triton
 import triton.language as tl
 
 
+def pdl_launch(device: torch.device, wanted: bool = True) -> dict[str, bool]:
+    """Launch keywords for a kernel that takes the PDL constexpr: its PDL and Triton's launch_pdl, both on
+    when `wanted` and pdl_enabled(device)."""
+    on = wanted and pdl_enabled(device)
+    return {"PDL": on, "launch_pdl": on}
+
+
 def pdl_enabled(device: torch.device) -> bool:
     """Launch turbo's decode kernels with PDL on `device`: a CUDA device of compute capability 9.0 or later,
     a triton that has the grid-dependency-control ops, and LMC_PDL not set to 0."""
@@ -52,3 +59,11 @@ def wait_for_producers(PDL: tl.constexpr):
     """Block until the kernels before this one in the stream have finished and their writes are visible."""
     if PDL:
         tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def enter_after_producers(PDL: tl.constexpr):
+    """The start of a kernel that reads nothing before the kernels before it are done: let the next kernel
+    launch, then wait."""
+    allow_dependents(PDL)
+    wait_for_producers(PDL)

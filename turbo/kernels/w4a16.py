@@ -60,7 +60,7 @@ from lmcompress.errors import LmcError
 from lmcompress.formats.packing import CODES_PER_INT32, is_identity_groups, pack_nibbles, unpack_nibbles
 from lmcompress.quant.qtensor import SUPPORTED_GROUP_SIZES, QTensor
 from lmcompress.turbo.kernels import MAGIC_BITS, sm_count
-from lmcompress.turbo.kernels.pdl import allow_dependents, pdl_enabled, wait_for_producers
+from lmcompress.turbo.kernels.pdl import allow_dependents, pdl_launch, wait_for_producers
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PLANE_CHANNELS = 16  # input channels of one code plane
@@ -237,14 +237,14 @@ def _launch(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None, out: torch.
     blocks_per_split = triton.cdiv(blocks, _split_count(config, m, n, grid_m * grid_n, blocks, x.device))
     splits = triton.cdiv(blocks, blocks_per_split)
     workspace, counters = _split_buffers(x.device)
-    pdl = config.block_m == 1 and pdl_enabled(x.device)  # the GEMV only: the tiles gained nothing (run Z)
     _w4a16_kernel[(grid_m, grid_n, splits)](
         x, w.qweight, w.scales, w.zeros, bias if bias is not None else out, out, workspace, counters,
         m, n, blocks, blocks_per_split, splits, x.stride(0), out.stride(0), MAGIC_BITS,
         GROUP=w.group_size, HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         SPLIT=splits > 1, SCALE_IN_WEIGHT=config.scale_in_weight,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", ASM=x.is_cuda and x.dtype != torch.float32,
-        PDL=pdl, num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+        **pdl_launch(x.device, wanted=config.block_m == 1),  # the GEMV only: the tiles gained nothing (run Z)
     )
     if splits > 1 and config.block_m > 1:
         _split_reduce_kernel[(triton.cdiv(m * n, REDUCE_BLOCK),)](
@@ -496,8 +496,8 @@ def _w4a16_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, 
                   PDL: tl.constexpr):
     """Program (m, n, s) computes output tile (m, n) over K split s; grid (cdiv(M, BM), cdiv(N, BN), splits).
     Split launches store the float32 partial to workspace [s, M, N]; for the GEMV the last split of a tile sums
-    them, for tiles _split_reduce_kernel does.  PDL (the GEMV only): it lets the next kernel launch, and
-    _gemv_partial waits for x's producer after its first weight loads."""
+    them, for tiles _split_reduce_kernel does.  PDL (launched so for the GEMV only): the GEMV waits for x's
+    producer inside _gemv_partial, after its first weight loads; the tiles wait here."""
     allow_dependents(PDL)
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -509,6 +509,7 @@ def _w4a16_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, 
         acc = _gemv_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, pid_m, offs_n, n_mask, N, block_start,
                             block_end, stride_xm, GROUP, BLOCK_N, PDL)
     else:
+        wait_for_producers(PDL)
         acc = _tile_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, offs_m, m_mask, offs_n, n_mask, N,
                             block_start, block_end, stride_xm, magic, BLOCK_M, BLOCK_N, GROUP, DOT_PRECISION,
                             SCALE_IN_WEIGHT, ASM)

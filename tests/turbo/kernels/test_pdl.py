@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("triton")
 from lmcompress.turbo.bench_kernels import random_qtensor  # noqa: E402
 from lmcompress.turbo.kernels.fused import rms_norm, silu_and_mul  # noqa: E402
-from lmcompress.turbo.kernels.pdl import pdl_enabled  # noqa: E402
+from lmcompress.turbo.kernels.pdl import pdl_enabled, pdl_launch  # noqa: E402
 from lmcompress.turbo.kernels.w4a16 import PackedW4, w4a16_matmul  # noqa: E402
 
 hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
@@ -19,12 +19,14 @@ hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_devi
 
 def test_pdl_is_off_on_the_cpu():
     assert not pdl_enabled(torch.device("cpu"))
+    assert pdl_launch(torch.device("cpu")) == {"PDL": False, "launch_pdl": False}
 
 
 @hopper
 def test_pdl_is_on_on_hopper_unless_lmc_pdl_is_0(monkeypatch):
     device = torch.device("cuda")
-    assert pdl_enabled(device)
+    assert pdl_enabled(device) and pdl_launch(device) == {"PDL": True, "launch_pdl": True}
+    assert pdl_launch(device, wanted=False) == {"PDL": False, "launch_pdl": False}
     monkeypatch.setenv("LMC_PDL", "0")
     assert not pdl_enabled(device)
 
