@@ -125,13 +125,16 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        from lmcompress.turbo.kernels.pdl import graph_launches  # imports triton: CUDA only
+
         self.buffers.pad(0, size)
         batch = self.buffers.batch(size, self.block_size)
-        self.model(batch, self.kv_cache)  # eager warm-up: compiles the Triton kernels for these shapes
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self.model(batch, self.kv_cache)  # [size, vocab]
+        with graph_launches():  # kernels launch with PDL where they can (kernels/pdl.py)
+            self.model(batch, self.kv_cache)  # eager warm-up: compiles the Triton kernels for these shapes
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = self.model(batch, self.kv_cache)  # [size, vocab]
         return graph, logits
 
     def fits(self, batch: ForwardBatch) -> bool:

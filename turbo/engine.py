@@ -1,12 +1,21 @@
 """LLMEngine: turbo's step loop, in nano-vllm's shape.
 
-    step() = schedule -> run -> postprocess
+    step() = schedule -> launch -> resolve the previous launch
       schedule     the Scheduler picks this step's rows: prompt chunks and decodes together
-      run          ModelRunner.forward on those rows; the Sampler draws one token for
-                   every row that reached its sequence's last token
-      postprocess  Scheduler.update_from_output records the progress; each sequence's
-                   StopChecker turns its new token into text and decides eos, stop
-                   token, stop string or max_tokens; finished sequences leave the scheduler
+      launch       ModelRunner.forward on those rows and the Sampler's draw of one token for
+                   every row that reached its sequence's last token, queued on the device;
+                   Scheduler.advance counts the rows computed and gives each sampling
+                   sequence a PENDING token, which the next step's decode row reads on the device
+      resolve      the previous launch's tokens arrive (Scheduler.resolve fills its PENDING
+                   tokens in); each sequence's StopChecker turns its new token into text and
+                   decides eos, stop token, stop string or max_tokens; finished sequences leave
+                   the scheduler
+
+Resolving one step late keeps the device busy while the host does its per-step work
+(SGLang's overlap scheduler, LMDeploy's async engine).  Its price: a sequence stopped by
+eos or a stop string has had one more decode row computed, and dropped.  A sequence at
+max_tokens or max_model_len is known to end without its token's value and gets no extra
+row; a step whose sampler reads histories (repetition penalty) waits for the tokens first.
 
 A request asking for n completions runs n Sequences ("choices"); outputs are
 grouped per request.  A request that cannot be served (a prompt longer than
@@ -20,23 +29,26 @@ import dataclasses
 import itertools
 import json
 import logging
+import os
 from collections import abc
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lmcompress.errors import LmcError
 from lmcompress.resources import resolve_device
 from lmcompress.turbo.config import DEFAULT_CPU_KV_CACHE_BYTES, CacheConfig, EngineConfig, SchedulerConfig
-from lmcompress.turbo.forward_batch import SeqInput
+from lmcompress.turbo.forward_batch import ForwardBatch, SeqInput
 from lmcompress.turbo.model_runner import ModelRunner, RunnerOptions
 from lmcompress.turbo.outputs import CompletionOutput, EngineStats, RequestOutput, Usage
-from lmcompress.turbo.sampler import Sampler, SamplingRow, TokenLogprobs
+from lmcompress.turbo.sampler import Sampler, SamplerOutput, SamplingRow, TokenLogprobs
 from lmcompress.turbo.sampling_params import SamplingParams
-from lmcompress.turbo.scheduler import Scheduler, SchedulerOutput
+from lmcompress.turbo.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from lmcompress.turbo.sequence import FinishReason, Sequence
 from lmcompress.turbo.stop import StopChecker
+from lmcompress.turbo.transfer import HostCopy, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +136,19 @@ class _Choice:
         return out
 
 
+class _InFlight:
+    """A launched forward pass whose sampled tokens are on their way to the host."""
+
+    def __init__(self, scheduled: SchedulerOutput, sampling: list[Sequence], sampled: SamplerOutput | None):
+        self.scheduled = scheduled
+        self.sampling = sampling  # the sequences of sampled's rows, in order
+        self.sampled = sampled  # token_ids [len(sampling)] on the device: the next step's decode inputs
+        self.token_ids = HostCopy(sampled.token_ids) if sampled is not None else None
+        # The sampler of the next step reads these sequences' histories (repetition penalty), which must hold
+        # real tokens, so that step waits for this one's.
+        self.needs_history = any(seq.sampling_params.repetition_penalty != 1.0 for seq in sampling)
+
+
 @dataclass(eq=False)
 class _Request:
     request_id: str
@@ -165,6 +190,9 @@ class LLMEngine:
         )
         self.sampler = Sampler(runner.device, config.seed)
         self._requests: dict[str, _Request] = {}
+        self._in_flight: _InFlight | None = None
+        # LMC_OVERLAP=0 resolves every step before returning (A/B timing; ruling the overlap out of a problem).
+        self._overlap = os.environ.get("LMC_OVERLAP", "1") != "0"
         self._choice_of: dict[Sequence, _Choice] = {}
         self._seq_ids = itertools.count()
         self._prompt_tokens = self._generation_tokens = self._computed_tokens = 0
@@ -247,7 +275,7 @@ class LLMEngine:
         room = self.model_runner.max_model_len - len(prompt_ids)
         if params.max_tokens > room > 0:
             params = dataclasses.replace(params, max_tokens=room)
-        seq = Sequence(str(next(self._seq_ids)), prompt_ids, params)
+        seq = Sequence(str(next(self._seq_ids)), prompt_ids, params, max_output_tokens=params.max_tokens)
         generator = None if params.seed is None or params.is_greedy else self.sampler.request_generator(params.seed)
         stop = StopChecker(params, self.tokenizer, prompt_ids, self.eos_token_ids, stream_text)
         return _Choice(index, seq, stop, SamplingRow(params, seq.prompt_token_ids, seq.output_token_ids, generator))
@@ -255,12 +283,21 @@ class LLMEngine:
     # --- the step -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; returns the outputs of the requests that made progress or finished."""
+        """Run one scheduling step; returns the outputs of the requests that made progress or finished.
+
+        The step's forward pass is launched before the previous pass's tokens are read back, so the host
+        works through that pass's outputs while the device runs this one.
+        """
+        if self._in_flight is not None and self._in_flight.needs_history:
+            self._resolve()
         scheduled = self.scheduler.schedule()
         for seq in scheduled.finished:
             self._on_scheduler_finished(seq)
-        if scheduled.scheduled:
-            self._run(scheduled)
+        launched = self._launch(scheduled) if scheduled.scheduled else None
+        self._resolve()
+        self._in_flight = launched
+        if not self._overlap:
+            self._resolve()
         return self._collect_outputs()
 
     def _on_scheduler_finished(self, seq: Sequence) -> None:
@@ -268,7 +305,8 @@ class LLMEngine:
         choice = self._choice_of.pop(seq)
         choice.finish(seq.finish_reason, error=seq.error_message)
 
-    def _run(self, scheduled: SchedulerOutput) -> None:
+    def _launch(self, scheduled: SchedulerOutput) -> _InFlight | None:
+        """Queue the forward pass and sampling of `scheduled` on the device; None if that fails."""
         items = scheduled.scheduled
         sampling = [item.seq for item in items if item.samples]
         try:
@@ -276,28 +314,60 @@ class LLMEngine:
                 SeqInput(item.token_ids(), item.start, item.seq.block_table, "last" if item.samples else "none")
                 for item in items
             ])
+            self._fill_pending_inputs(batch, items)
             logits = self.model_runner.forward(batch)  # [len(sampling), vocab]
             rows = [self._choice_of[seq].sampling_row for seq in sampling]
             sampled = self.sampler(logits, rows) if sampling else None
         except Exception as exc:  # fail this step's requests, keep serving the others
-            logger.exception("turbo: forward pass failed; failing the %d requests of this step", len(items))
-            message = f"the model failed on this step ({type(exc).__name__}: {exc}); retry the request"
-            for item in items:
-                self._finish(item.seq, FinishReason.ERROR, error=message)
-            return
+            self._fail(items, exc)
+            return None
+        self.scheduler.advance(scheduled)
         self._computed_tokens += scheduled.num_batched_tokens
-        token_ids = sampled.token_ids.tolist() if sampled else []
-        self._generation_tokens += len(token_ids)
-        logprobs = dict(zip(sampling, sampled.logprobs)) if sampled else {}
-        updated = self.scheduler.update_from_output(
-            scheduled, {seq.request_id: token for seq, token in zip(sampling, token_ids)}
-        )
-        for seq in updated:
-            self._postprocess(seq, logprobs[seq])
+        return _InFlight(scheduled, sampling, sampled)
 
-    def _postprocess(self, seq: Sequence, logprobs: TokenLogprobs | None) -> None:
+    def _fill_pending_inputs(self, batch: ForwardBatch, items: list[ScheduledSeq]) -> None:
+        """Decode rows whose input is the in-flight pass's sample read it on the device: batch.input_ids is
+        PENDING there until now."""
+        in_flight = self._in_flight
+        if in_flight is None:
+            return
+        sample_row = {seq: i for i, seq in enumerate(in_flight.sampling)}
+        targets, sources, row = [], [], 0
+        for item in items:
+            row += item.num_new_tokens
+            if item.seq.has_pending_token and item.start + item.num_new_tokens == item.seq.num_tokens:
+                targets.append(row - 1)
+                sources.append(sample_row[item.seq])
+        if targets:
+            index = to_device(targets + sources, torch.int64, batch.input_ids.device).view(2, -1)
+            batch.input_ids.index_copy_(0, index[0], in_flight.sampled.token_ids.index_select(0, index[1]))
+
+    def _resolve(self) -> None:
+        """Read back the in-flight pass's tokens and run the stop checks on them."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is None or in_flight.sampled is None:
+            return
+        try:
+            token_ids = in_flight.token_ids.tolist()
+        except Exception as exc:  # a device error of that pass surfaces here
+            self._fail(in_flight.scheduled.scheduled, exc)
+            return
+        tokens = dict(zip(in_flight.sampling, token_ids))
+        logprobs = dict(zip(in_flight.sampling, in_flight.sampled.logprobs))
+        updated = self.scheduler.resolve(in_flight.scheduled, {seq.request_id: tokens[seq] for seq in tokens})
+        self._generation_tokens += len(updated)
+        for seq in updated:
+            self._postprocess(seq, tokens[seq], logprobs[seq])
+
+    def _fail(self, items: list[ScheduledSeq], exc: Exception) -> None:
+        logger.error("turbo: forward pass failed; failing the %d requests of this step", len(items), exc_info=exc)
+        message = f"the model failed on this step ({type(exc).__name__}: {exc}); retry the request"
+        for item in items:
+            if not item.seq.is_finished:
+                self._finish(item.seq, FinishReason.ERROR, error=message)
+
+    def _postprocess(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
         choice = self._choice_of[seq]
-        token = seq.output_token_ids[-1]
         delta = choice.stop.append(token)
         choice.new_token_ids.append(token)
         choice.new_text.append(delta.text)

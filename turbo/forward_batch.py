@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from lmcompress.errors import LmcError
+from lmcompress.turbo.transfer import to_device
 
 # Which rows of a sequence's new tokens get logits: its last token (to sample the
 # next one), every token (perplexity, prompt logprobs), or none (a mid-prompt chunk).
@@ -25,6 +26,7 @@ LogitsMode = Literal["last", "all", "none"]
 LOGITS_MODES = ("last", "all", "none")
 # Segments of a packed buffer start at multiples of 4 elements: 16 bytes of int32, 32 of int64.
 _ALIGN_ELEMENTS = 4
+_TORCH_DTYPES = {np.int64: torch.int64, np.int32: torch.int32}
 
 
 # Built per sequence per step: slotted and unfrozen, a quarter of a frozen dataclass's construction time.
@@ -151,7 +153,7 @@ def _device_tensors(seqs: Sequence[SeqInput], query_lens: Sequence[int], rows: _
 
 def _packed(segments: list[list[int]], dtype: type[np.integer], device: str | torch.device) -> list[torch.Tensor]:
     """Each segment as a 1-D tensor on `device`, all views of one buffer built through numpy (a third of
-    torch.tensor(list)'s time) and copied at once.  Views start on 16-byte boundaries, where Triton's
+    torch.tensor(list)'s time) and copied at once, without waiting for the device (transfer.py).  Views start on 16-byte boundaries, where Triton's
     pointer specialisation wants them."""
     flat: list[int] = []
     bounds = []
@@ -160,7 +162,7 @@ def _packed(segments: list[list[int]], dtype: type[np.integer], device: str | to
         flat += values
         flat += [0] * (-len(flat) % _ALIGN_ELEMENTS)
         bounds.append((start, start + len(values)))
-    buffer = torch.from_numpy(np.array(flat, dtype=dtype)).to(device)
+    buffer = to_device(np.array(flat, dtype=dtype), _TORCH_DTYPES[dtype], torch.device(device))
     return [buffer[start:end] for start, end in bounds]
 
 

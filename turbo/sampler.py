@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from lmcompress.turbo.sampling_params import SamplingParams
+from lmcompress.turbo.transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ class Sampler:
 
 def _per_row(values: list, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
     """A [batch] tensor of per-row parameters on `like`'s device."""
-    return torch.tensor(values, dtype=dtype, device=like.device)
+    return to_device(values, dtype, like.device)
 
 
 def _penalise(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:

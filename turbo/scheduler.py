@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from lmcompress.errors import LmcError
 from lmcompress.turbo.block_manager import BlockManager, CachedPrefix
 from lmcompress.turbo.config import CacheConfig, SchedulerConfig
-from lmcompress.turbo.sequence import FinishReason, Sequence, SequenceStatus
+from lmcompress.turbo.sequence import PENDING, FinishReason, Sequence, SequenceStatus
 
 
 # Built per sequence per step: slotted and unfrozen, a quarter of a frozen dataclass's construction time.
@@ -114,6 +114,8 @@ class Scheduler:
         else:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
+        if seq.has_pending_token:  # sampled by a pass still in flight, for a sequence that ends first: dropped
+            seq.output_token_ids.pop()
         del self._unfinished[seq.request_id]
         self._mark_finished(seq, reason, error_message)
 
@@ -129,23 +131,41 @@ class Scheduler:
         return SchedulerOutput(scheduled, preempted, finished)
 
     def update_from_output(self, output: SchedulerOutput, sampled_token_ids: Mapping[str, int]) -> list[Sequence]:
-        """Record a finished forward pass; returns the sequences that received a new token.
+        """Record a finished forward pass at once: advance() then resolve()."""
+        self.advance(output)
+        return self.resolve(output, sampled_token_ids)
 
-        `sampled_token_ids` maps request id to the token sampled for every
-        ScheduledSeq with samples=True; other entries are ignored.  The engine
-        checks its stop conditions on the returned sequences and calls finish();
-        a returned sequence may already be finished with LENGTH (max_model_len).
+    def advance(self, output: SchedulerOutput) -> None:
+        """Record a forward pass as launched: its tokens' K/V count as computed, and every sequence that
+        samples gets a PENDING output token, so the next schedule() can already give it its decode row."""
+        for item in output.scheduled:
+            seq = item.seq
+            if seq.is_finished:  # failed or aborted before the launch was recorded
+                continue
+            seq.num_computed_tokens = item.start + item.num_new_tokens
+            if item.samples:
+                seq.output_token_ids.append(PENDING)
+
+    def resolve(self, output: SchedulerOutput, sampled_token_ids: Mapping[str, int]) -> list[Sequence]:
+        """Fill in the tokens an advanced pass sampled; returns the sequences that received one.
+
+        `sampled_token_ids` maps request id to the token sampled for every ScheduledSeq
+        with samples=True; other entries are ignored.  The engine checks its stop
+        conditions on the returned sequences and calls finish(); a returned sequence
+        may already be finished with LENGTH (max_model_len).  Sequences finished since
+        advance() (aborted, or stopped by their previous token) are skipped.
         """
         updated: list[Sequence] = []
         for item in output.scheduled:
             seq = item.seq
-            if seq.is_finished:  # aborted or finished between schedule() and now
+            if seq.is_finished:
                 continue
-            seq.num_computed_tokens = item.start + item.num_new_tokens
-            self.block_manager.cache_full_blocks(seq)
             if item.samples:
-                seq.output_token_ids.append(self._sampled_token(sampled_token_ids, seq))
-                if seq.num_tokens >= self.config.max_model_len:
+                position = item.start + item.num_new_tokens  # of the sampled token in prompt + outputs
+                seq.output_token_ids[position - seq.num_prompt_tokens] = self._sampled_token(sampled_token_ids, seq)
+            self.block_manager.cache_full_blocks(seq)  # every computed token is known now
+            if item.samples:
+                if position + 1 >= self.config.max_model_len:
                     self.finish(seq, FinishReason.LENGTH)
                 updated.append(seq)
         return updated
@@ -154,6 +174,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
+            if self._has_every_token(seq):  # its last token is still being sampled; it finishes on arrival
+                index += 1
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._allocate_or_preempt(seq, num_new, preempted):
                 break  # seq itself is gone, and it was the newest: nothing left to schedule
@@ -213,6 +236,11 @@ class Scheduler:
         self.num_preemptions += 1
         # Front of the queue: victims go newest first, so older ones end up ahead.
         self.waiting.appendleft(seq)
+
+    def _has_every_token(self, seq: Sequence) -> bool:
+        """seq holds its last allowed token (max_output_tokens or max_model_len), which needs no K/V."""
+        limit = seq.max_output_tokens
+        return seq.num_tokens >= self.config.max_model_len or (limit is not None and seq.num_output_tokens >= limit)
 
     def _chunk(self, seq: Sequence, num_new: int) -> ScheduledSeq:
         start = seq.num_computed_tokens

@@ -11,6 +11,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+# An output token that a forward pass still running on the device samples: the engine launches the next step
+# before the last one's tokens reach the host, and the scheduler fills the placeholder in (Scheduler.resolve).
+PENDING = -1
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # queued, holds no KV blocks
@@ -36,6 +40,8 @@ class Sequence:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     sampling_params: object = None
+    # The engine's max_tokens: once this many outputs exist (the last possibly PENDING) nothing is left to compute.
+    max_output_tokens: int | None = None
     output_token_ids: list[int] = field(default_factory=list, init=False)
     status: SequenceStatus = field(default=SequenceStatus.WAITING, init=False)
     finish_reason: FinishReason | None = field(default=None, init=False)
@@ -65,6 +71,10 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def has_pending_token(self) -> bool:
+        return bool(self.output_token_ids) and self.output_token_ids[-1] == PENDING
 
     @property
     def is_finished(self) -> bool:

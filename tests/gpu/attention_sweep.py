@@ -3,8 +3,8 @@ graph of many launches, as a decode step runs them; block tables as wide as the 
 
     python3 tests/gpu/attention_sweep.py OUT.json
 
-Per (batch, context, KV dtype): decode_launch's choice and a grid of (block_n, partitions), in us per call and
-as a share of the KV bytes at the copy bandwidth measured in the same run.
+Per (batch, context, KV dtype): decode_launch's choice and a grid of (block_n, partitions, warps), in us per call
+and as a share of the KV bytes at the copy bandwidth measured in the same run.
 """
 
 from __future__ import annotations
@@ -21,7 +21,11 @@ from lmcompress.turbo.kv_cache import KVCacheSpec
 from graph_timing import graph_us  # this folder (the script's directory is on sys.path)
 
 HEADS, HEAD_DIM, BLOCK_SIZE, MAX_MODEL_LEN, CALLS, REPLAYS = 32, 128, 16, 4096, 32, 3
-CASES = [(1, 192), (64, 192), (64, 1024), (128, 1152)]
+CASES = [(1, 192), (32, 192), (64, 192), (64, 1024), (128, 1152)]
+# Run I swept block_n 32/64 x partitions 1-16 at 4 warps; run AD adds fewer warps and smaller tiles, which hold
+# fewer registers a thread (each of _attend_one's BLOCK_N rows keeps its own [D] accumulator) for more
+# programs an SM.
+BLOCK_NS, PARTITIONS, WARPS = (16, 32, 64), (1, 2, 4, 8), (1, 2, 4)
 
 
 def main() -> None:
@@ -38,8 +42,8 @@ def main() -> None:
             query = torch.randn(batch, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
             lens = torch.full((batch,), context, dtype=torch.int32, device=device)
             kv_bytes = batch * context * spec.bytes_per_token()
-            launches = [None] + [DecodeLaunch(block_n, partitions, 4, 1) for block_n in (32, 64)
-                                 for partitions in (1, 2, 4, 8, 16)]
+            launches = [None] + [DecodeLaunch(block_n, partitions, warps, 1) for block_n in BLOCK_NS
+                                 for partitions in PARTITIONS for warps in WARPS]
             for launch in launches:
                 try:
                     call = lambda: paged_decode_attention(query, cache.layers[0], wide, lens,  # noqa: E731

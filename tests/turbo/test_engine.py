@@ -210,6 +210,27 @@ def test_text_decoded_at_the_end_matches_the_streamed_outputs(llm):
     assert early_text[True] and not early_text[False]
 
 
+def test_launching_a_step_ahead_changes_no_output(monkeypatch):
+    """The engine launches step N + 1 before it reads step N's tokens; LMC_OVERLAP=0 reads them first."""
+    prompts = ["And the king said unto", "Grub, n.", "In the beginning", [0, 5, 6, 7, 8]]
+    params = [SamplingParams(temperature=0, max_tokens=24, stop=[" the"]),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=20, logprobs=2),
+              SamplingParams(temperature=0, max_tokens=24, repetition_penalty=1.5),
+              SamplingParams(temperature=0, max_tokens=30)]
+    runs = []
+    for overlap in ("1", "0"):
+        monkeypatch.setenv("LMC_OVERLAP", overlap)
+        llm = make_llm()
+        llm.engine.eos_token_ids = frozenset({llm.generate(prompts[3:], GREEDY)[0].outputs[0].token_ids[5]})
+        runs.append([(c.token_ids, c.text, c.finish_reason, c.stop_reason, out.usage,
+                      [lp.top for lp in c.logprobs or ()]) for out in llm.generate(prompts, params)
+                     for c in out.outputs])
+        assert llm.engine.stats().num_free_blocks == llm.engine.stats().num_total_blocks
+    assert runs[0] == runs[1]
+    assert [finish for _, _, finish, *_ in runs[0]] == [FinishReason.STOP, FinishReason.LENGTH, FinishReason.LENGTH,
+                                                       FinishReason.STOP]
+
+
 def test_n_choices_are_the_single_requests_of_for_choice(llm):
     params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=12)
     (together,) = llm.generate(["Grub, n."], params)

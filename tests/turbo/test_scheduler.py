@@ -8,7 +8,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from lmcompress.errors import LmcError
 from lmcompress.turbo.config import CacheConfig, SchedulerConfig
 from lmcompress.turbo.scheduler import Scheduler, SchedulerOutput
-from lmcompress.turbo.sequence import FinishReason, Sequence, SequenceStatus
+from lmcompress.turbo.sequence import PENDING, FinishReason, Sequence, SequenceStatus
 
 
 def make_scheduler(
@@ -347,7 +347,8 @@ class SchedulerMachine(RuleBasedStateMachine):
     def add(self, new_requests):
         for shared, tail, max_tokens, copies in new_requests:
             for _ in range(copies):
-                seq = Sequence(f"r{len(self.max_tokens)}", SYSTEM_PROMPT[:shared] + tuple(tail))
+                seq = Sequence(f"r{len(self.max_tokens)}", SYSTEM_PROMPT[:shared] + tuple(tail),
+                               max_output_tokens=max_tokens)
                 self.max_tokens[seq.request_id] = max_tokens
                 if self.scheduler.add(seq):
                     self.admitted.append(seq)
@@ -377,17 +378,20 @@ class SchedulerMachine(RuleBasedStateMachine):
     def fake_forward(self, seq: Sequence, start: int, num_new: int) -> None:
         size = self.scheduler.block_manager.block_size
         for pos in range(start):  # everything the attention reads must be this sequence's own prefix
-            assert self.kv[seq.block_table[pos // size], pos % size] == seq.token_slice(0, pos + 1)
+            assert self.kv[seq.block_table[pos // size], pos % size] == self.prefix(seq, pos + 1)
         for pos in range(start, start + num_new):
             block = seq.block_table[pos // size]
             assert self.scheduler.block_manager._blocks[block].ref_count == 1  # never write a shared block
-            self.kv[block, pos % size] = seq.token_slice(0, pos + 1)
+            self.kv[block, pos % size] = self.prefix(seq, pos + 1)
+
+    def prefix(self, seq: Sequence, end: int) -> tuple[int, ...]:
+        return seq.token_slice(0, end)
 
     def engine_stop_check(self, seq: Sequence, eos: bool) -> None:
         assert seq.num_tokens <= self.scheduler.config.max_model_len
         if seq.is_finished:
             assert seq.finish_reason is FinishReason.LENGTH
-        elif seq.num_output_tokens >= self.max_tokens[seq.request_id]:
+        elif seq.num_output_tokens - seq.has_pending_token >= self.max_tokens[seq.request_id]:
             self.scheduler.finish(seq, FinishReason.LENGTH)
         elif eos:
             self.scheduler.finish(seq, FinishReason.STOP)
@@ -412,7 +416,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         """With aborts stopped, every live request finishes within a bounded number of steps."""
         # Each step the oldest running request computes >= 1 token and is never preempted,
         # or an idle pool admits the head of the queue.
-        bound = sum(s.num_prompt_tokens + self.max_tokens[s.request_id] + 1 for s in self.live) + 1
+        bound = sum(s.num_prompt_tokens + self.max_tokens[s.request_id] + 1 for s in self.live) + 2
         for _ in range(bound):
             if not self.scheduler.has_unfinished():
                 break
@@ -421,7 +425,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert not self.scheduler.has_unfinished()
         bm, max_model_len = self.scheduler.block_manager, self.scheduler.config.max_model_len
         for seq in self.admitted:
-            assert seq.is_finished
+            assert seq.is_finished and PENDING not in seq.output_token_ids
             if seq.finish_reason is FinishReason.ERROR:  # only when it could outgrow the whole pool
                 longest = min(seq.num_prompt_tokens + self.max_tokens[seq.request_id], max_model_len)
                 assert longest - 1 > bm.num_blocks * bm.block_size
@@ -429,3 +433,33 @@ class SchedulerMachine(RuleBasedStateMachine):
 
 TestSchedulerMachine = SchedulerMachine.TestCase
 TestSchedulerMachine.settings = settings(max_examples=100, stateful_step_count=20, deadline=None)
+
+
+class OverlappedSchedulerMachine(SchedulerMachine):
+    """The same against the engine's loop: a step is advanced when launched and resolved one step later,
+    after the next step was scheduled on top of its PENDING tokens (which the fake model reads as the
+    tokens it drew for them, as the engine's decode rows read them on the device)."""
+
+    in_flight: tuple[SchedulerOutput, dict[str, int]] | None = None
+
+    def engine_step(self, next_token: Callable[[], int], eos: Callable[[], bool]) -> None:
+        out = self.scheduler.schedule()
+        assert out.num_batched_tokens <= self.scheduler.config.max_num_batched_tokens
+        for item in out.scheduled:
+            self.fake_forward(item.seq, item.start, item.num_new_tokens)
+        sampled = {item.seq.request_id: next_token() for item in out.scheduled if item.samples}
+        self.scheduler.advance(out)
+        previous, self.in_flight = self.in_flight, (out, sampled)
+        if previous is not None:
+            for seq in self.scheduler.resolve(*previous):
+                self.engine_stop_check(seq, eos())
+
+    def prefix(self, seq: Sequence, end: int) -> tuple[int, ...]:
+        tokens = seq.token_slice(0, end)
+        if tokens and tokens[-1] == PENDING:
+            return tokens[:-1] + (self.in_flight[1][seq.request_id],)
+        return tokens
+
+
+TestOverlappedSchedulerMachine = OverlappedSchedulerMachine.TestCase
+TestOverlappedSchedulerMachine.settings = settings(max_examples=100, stateful_step_count=20, deadline=None)

@@ -66,13 +66,17 @@ INTERPRETED = textwrap.dedent("""
     import torch
     from lmcompress.turbo.kernels.fused import rms_norm, rms_norm_reference, rotary_, silu_and_mul, silu_and_mul_reference
     from lmcompress.turbo.models.rope import apply_rotary
+    torch.manual_seed(0)
     # fp16 and fp32 only: the interpreter truncates float32 -> bf16 where the GPU rounds to nearest.
+    # RMSNorm within 2 fp16 ulps: the kernel's float32 rsqrt and the reference's may round x * rstd apart,
+    # and the weight's multiply rounds again (an unseeded run once met that at 1 element of 600).
     for dtype in (torch.float16, torch.float32):
         x, residual = torch.randn(3, 200).to(dtype), torch.randn(3, 200).to(dtype)
         weight = (torch.rand(200) + 0.5).to(dtype)
-        torch.testing.assert_close(rms_norm(x, weight, 1e-6), rms_norm_reference(x, weight, 1e-6))
+        close = dict(rtol=2e-3, atol=2e-3) if dtype == torch.float16 else {}
+        torch.testing.assert_close(rms_norm(x, weight, 1e-6), rms_norm_reference(x, weight, 1e-6), **close)
         for got, want in zip(rms_norm(x, weight, 1e-6, residual), rms_norm_reference(x, weight, 1e-6, residual)):
-            torch.testing.assert_close(got, want)
+            torch.testing.assert_close(got, want, **close)
         gate_up = torch.randn(2, 3, 2 * 1100).to(dtype)  # two programs per row, the second partly masked
         torch.testing.assert_close(silu_and_mul(gate_up), silu_and_mul_reference(gate_up))
         # rotary_ on strided slices of a fused qkv row (6 query heads, 2 KV heads of 80: masked lanes and heads)

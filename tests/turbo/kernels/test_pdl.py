@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("triton")
 from lmcompress.turbo.bench_kernels import random_qtensor  # noqa: E402
 from lmcompress.turbo.kernels.fused import rms_norm, silu_and_mul  # noqa: E402
-from lmcompress.turbo.kernels.pdl import pdl_enabled, pdl_launch  # noqa: E402
+from lmcompress.turbo.kernels.pdl import graph_launches, pdl_enabled, pdl_launch  # noqa: E402
 from lmcompress.turbo.kernels.w4a16 import PackedW4, w4a16_matmul  # noqa: E402
 
 hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
@@ -19,16 +19,19 @@ hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_devi
 
 def test_pdl_is_off_on_the_cpu():
     assert not pdl_enabled(torch.device("cpu"))
-    assert pdl_launch(torch.device("cpu")) == {"PDL": False, "launch_pdl": False}
+    with graph_launches():
+        assert pdl_launch(torch.device("cpu")) == {"PDL": False, "launch_pdl": False}
 
 
 @hopper
-def test_pdl_is_on_on_hopper_unless_lmc_pdl_is_0(monkeypatch):
+def test_pdl_is_on_on_hopper_for_graph_launches_unless_lmc_pdl_is_0(monkeypatch):
     device = torch.device("cuda")
-    assert pdl_enabled(device) and pdl_launch(device) == {"PDL": True, "launch_pdl": True}
-    assert pdl_launch(device, wanted=False) == {"PDL": False, "launch_pdl": False}
-    monkeypatch.setenv("LMC_PDL", "0")
-    assert not pdl_enabled(device)
+    assert pdl_enabled(device) and pdl_launch(device) == {"PDL": False, "launch_pdl": False}  # eager
+    with graph_launches():
+        assert pdl_launch(device) == {"PDL": True, "launch_pdl": True}
+        assert pdl_launch(device, wanted=False) == {"PDL": False, "launch_pdl": False}
+        monkeypatch.setenv("LMC_PDL", "0")
+        assert not pdl_enabled(device) and not pdl_launch(device)["PDL"]
 
 
 def _mlp_chain(x, norm_weight, gate_up, down, layers):
@@ -40,7 +43,7 @@ def _mlp_chain(x, norm_weight, gate_up, down, layers):
 
 
 @hopper
-def test_a_graph_of_pdl_launches_matches_launches_without_pdl(monkeypatch):
+def test_a_graph_of_pdl_launches_matches_launches_without_pdl():
     device, generator = torch.device("cuda"), torch.Generator(device="cuda").manual_seed(0)
     hidden, inner = 1024, 2816
     gate_up = PackedW4.from_qtensor(random_qtensor(2 * inner, hidden, 128, torch.bfloat16, device, generator),
@@ -49,13 +52,12 @@ def test_a_graph_of_pdl_launches_matches_launches_without_pdl(monkeypatch):
                                  torch.bfloat16)
     norm_weight = torch.rand(hidden, device=device, generator=generator, dtype=torch.bfloat16) + 0.5
     x = torch.randn(1, hidden, device=device, generator=generator, dtype=torch.bfloat16)
-    monkeypatch.setenv("LMC_PDL", "0")
-    expected = _mlp_chain(x, norm_weight, gate_up, down, layers=8)
-    monkeypatch.delenv("LMC_PDL")
-    _mlp_chain(x, norm_weight, gate_up, down, layers=8)  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = _mlp_chain(x, norm_weight, gate_up, down, layers=8)
+    expected = _mlp_chain(x, norm_weight, gate_up, down, layers=8)  # eager: without PDL
+    with graph_launches():
+        _mlp_chain(x, norm_weight, gate_up, down, layers=8)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = _mlp_chain(x, norm_weight, gate_up, down, layers=8)
     for _ in range(20):
         out.zero_()
         graph.replay()
