@@ -18,7 +18,7 @@ step() { echo "$1: $((SECONDS-t)) s" | tee -a $OUT/times.txt; t=$SECONDS; }
 run() {
   name=$1; shift
   timeout ${TMO:-60} "$@" --json $OUT/$name.json > $OUT/$name.txt 2>&1 || { echo "$name FAILED rc=$?"; tail -3 $OUT/$name.txt; }
-  grep -E 'Output tok/s|Requests/s|TTFT p50|Decode steps|roofline|turn 1 / turn 2|turn . TTFT|KV cache' $OUT/$name.txt | sed "s/^/$name: /"
+  grep -E "Output tok/s|Requests/s|TTFT p50|Decode steps|roofline|turn 1 / turn 2|turn . TTFT|KV cache" $OUT/$name.txt | sed "s|^|$name: |"
   sed -n '/Device time per kernel/,$p' $OUT/$name.txt | head -22
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee $OUT/device.txt

@@ -50,10 +50,14 @@ from lmcompress.turbo.kv_cache import LayerKVCache, QuantKVPool
 __all__ = ["DecodeLaunch", "decode_launch", "paged_decode_attention", "paged_prefill_attention", "supports"]
 
 LOG2E = 1.4426950408889634
-# Decode programs to aim for per SM: a few waves of 2-4 resident programs, so that the
-# programs of short sequences and the tail of the grid do not leave SMs idle.
-_PROGRAMS_PER_SM = 8
+# Decode programs to aim for per SM when few sequences have to be split into partitions, and the warps of
+# a program without GQA, by KV bits (None: a float pool).  Run AD (tests/gpu/attention_sweep.py, H200, Llama-2-7B
+# heads) against the 8 programs an SM, 4 warps and 32-64 positions a tile before: a batch of 1 at 192 positions
+# best with 8 partitions (5-6 us against 12-15); batches of 32-128 at 192-1152 positions 4-35 % faster with 16
+# positions a tile and these warps (fewer registers a thread: each tile row keeps its own accumulator).
+_PROGRAMS_PER_SM = 2
 _MAX_PARTITIONS = 64
+_WARPS_WITHOUT_GQA = {None: 2, 8: 4, 4: 1}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,23 +391,23 @@ def decode_launch(batch: int, cache: LayerKVCache, group: int, query_dtype: torc
 
     group: query heads per KV head; max_context: the block table's width in tokens.
     Partitions: enough that batch x kv_heads x partitions programs fill the GPU, a power
-    of two, at most one per tile.  Tile sizes: the largest that compile without register
-    spills and keep two tiles of loads in flight (ptxas on sm_90, see docs/perf-notes.md).
+    of two, at most one per tile.  Tiles and warps without GQA: run AD's sweep (above);
+    with GQA, 64 positions a tl.dot tile.
     """
     keys = cache.keys
-    if query_dtype == torch.float32 or keys.data.dtype == torch.float32:
-        block_n = 16  # float32 tiles and CUDA-core float32 dots (the float32 test suite on CUDA)
-    elif group > 1 or keys.bits is not None:
-        block_n = 64
+    if group == 1:
+        block_n, num_warps = 16, _WARPS_WITHOUT_GQA[keys.bits]
+    elif query_dtype == torch.float32 or keys.data.dtype == torch.float32:
+        block_n, num_warps = 16, 4  # float32 dots on the CUDA cores (the float32 test suite on CUDA)
     else:
-        block_n = 32
+        block_n, num_warps = 64, 4
     num_kv_heads = keys.data.shape[1]
     sms = sm_count(device)
     wanted = triton.cdiv(_PROGRAMS_PER_SM * sms, batch * num_kv_heads)
     limit = min(_MAX_PARTITIONS, max(1, triton.cdiv(max_context, block_n)), wanted)
     # tl.dot's operands are loaded through cp.async one tile ahead (Triton's pipeliner);
     # _attend_one prefetches by hand, the pipeliner leaves CUDA-core loops alone.
-    return DecodeLaunch(block_n=block_n, partitions=1 << (limit.bit_length() - 1), num_warps=4,
+    return DecodeLaunch(block_n=block_n, partitions=1 << (limit.bit_length() - 1), num_warps=num_warps,
                         num_stages=2 if group > 1 else 1)
 
 
