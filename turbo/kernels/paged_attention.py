@@ -50,12 +50,15 @@ from lmcompress.turbo.kv_cache import LayerKVCache, QuantKVPool
 __all__ = ["DecodeLaunch", "decode_launch", "paged_decode_attention", "paged_prefill_attention", "supports"]
 
 LOG2E = 1.4426950408889634
-# Decode programs to aim for per SM when few sequences have to be split into partitions, and the warps of
-# a program without GQA, by KV bits (None: a float pool).  Run AD (tests/gpu/attention_sweep.py, H200, Llama-2-7B
-# heads) against the 8 programs an SM, 4 warps and 32-64 positions a tile before: a batch of 1 at 192 positions
-# best with 8 partitions (5-6 us against 12-15); batches of 32-128 at 192-1152 positions 4-35 % faster with 16
-# positions a tile and these warps (fewer registers a thread: each tile row keeps its own accumulator).
-_PROGRAMS_PER_SM = 2
+# Decode launch without GQA: 16 positions a tile (each tile row keeps its own accumulator, so smaller tiles hold
+# fewer registers a thread).  With at least _UNSPLIT_PROGRAMS_PER_SM programs an SM from sequences x KV heads
+# alone, one partition a sequence and the warps of _WARPS_WITHOUT_GQA (by KV bits; None: a float pool): run AD
+# (tests/gpu/attention_sweep.py, H200, Llama-2-7B heads) measured batches of 32-128 at 192-1152 positions 4-35 %
+# faster so than with 32-64 positions a tile and 4 warps, and every split slower.  Fewer sequences split into
+# partitions up to _PROGRAMS_PER_SM programs an SM, at 4 warps: the grid that read 88-97 % of the copy bandwidth at
+# long contexts in run D (run AE's 2 programs an SM at 2 warps read 53 % at 1 x 32k).
+_UNSPLIT_PROGRAMS_PER_SM = 4
+_PROGRAMS_PER_SM = 8
 _MAX_PARTITIONS = 64
 _WARPS_WITHOUT_GQA = {None: 2, 8: 4, 4: 1}
 
@@ -391,19 +394,20 @@ def decode_launch(batch: int, cache: LayerKVCache, group: int, query_dtype: torc
 
     group: query heads per KV head; max_context: the block table's width in tokens.
     Partitions: enough that batch x kv_heads x partitions programs fill the GPU, a power
-    of two, at most one per tile.  Tiles and warps without GQA: run AD's sweep (above);
-    with GQA, 64 positions a tl.dot tile.
+    of two, at most one per tile; none without GQA once the sequences alone fill it.
+    Tiles and warps without GQA: runs AD and D (above); with GQA, 64 positions a tl.dot tile.
     """
     keys = cache.keys
+    num_kv_heads = keys.data.shape[1]
+    sms = sm_count(device)
+    unsplit = batch * num_kv_heads >= _UNSPLIT_PROGRAMS_PER_SM * sms
     if group == 1:
-        block_n, num_warps = 16, _WARPS_WITHOUT_GQA[keys.bits]
+        block_n, num_warps = 16, _WARPS_WITHOUT_GQA[keys.bits] if unsplit else 4
     elif query_dtype == torch.float32 or keys.data.dtype == torch.float32:
         block_n, num_warps = 16, 4  # float32 dots on the CUDA cores (the float32 test suite on CUDA)
     else:
         block_n, num_warps = 64, 4
-    num_kv_heads = keys.data.shape[1]
-    sms = sm_count(device)
-    wanted = triton.cdiv(_PROGRAMS_PER_SM * sms, batch * num_kv_heads)
+    wanted = 1 if unsplit and group == 1 else triton.cdiv(_PROGRAMS_PER_SM * sms, batch * num_kv_heads)
     limit = min(_MAX_PARTITIONS, max(1, triton.cdiv(max_context, block_n)), wanted)
     # tl.dot's operands are loaded through cp.async one tile ahead (Triton's pipeliner);
     # _attend_one prefetches by hand, the pipeliner leaves CUDA-core loops alone.
