@@ -136,17 +136,21 @@ class _Choice:
         return out
 
 
+@dataclass(eq=False)
 class _InFlight:
     """A launched forward pass whose sampled tokens are on their way to the host."""
 
-    def __init__(self, scheduled: SchedulerOutput, sampling: list[Sequence], sampled: SamplerOutput | None):
-        self.scheduled = scheduled
-        self.sampling = sampling  # the sequences of sampled's rows, in order
-        self.sampled = sampled  # token_ids [len(sampling)] on the device: the next step's decode inputs
-        self.token_ids = HostCopy(sampled.token_ids) if sampled is not None else None
-        # The sampler of the next step reads these sequences' histories (repetition penalty), which must hold
-        # real tokens, so that step waits for this one's.
-        self.needs_history = any(seq.sampling_params.repetition_penalty != 1.0 for seq in sampling)
+    scheduled: SchedulerOutput
+    sampling: list[Sequence]  # the sequences of sampled's rows, in order
+    sampled: SamplerOutput | None  # token_ids [len(sampling)] on the device: the next step's decode inputs
+    token_ids: HostCopy | None = field(init=False)
+    # The next step's sampler reads these sequences' histories (repetition penalty), which must hold real
+    # tokens: that step waits for this one's.
+    needs_history: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.token_ids = HostCopy(self.sampled.token_ids) if self.sampled is not None else None
+        self.needs_history = any(seq.sampling_params.repetition_penalty != 1.0 for seq in self.sampling)
 
 
 @dataclass(eq=False)

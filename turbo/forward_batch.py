@@ -153,8 +153,8 @@ def _device_tensors(seqs: Sequence[SeqInput], query_lens: Sequence[int], rows: _
 
 def _packed(segments: list[list[int]], dtype: type[np.integer], device: str | torch.device) -> list[torch.Tensor]:
     """Each segment as a 1-D tensor on `device`, all views of one buffer built through numpy (a third of
-    torch.tensor(list)'s time) and copied at once, without waiting for the device (transfer.py).  Views start on 16-byte boundaries, where Triton's
-    pointer specialisation wants them."""
+    torch.tensor(list)'s time) and copied at once, without waiting for the device (transfer.py).  Views
+    start on 16-byte boundaries, where Triton's pointer specialisation wants them."""
     flat: list[int] = []
     bounds = []
     for values in segments:

@@ -372,8 +372,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         for item in out.scheduled:
             self.fake_forward(item.seq, item.start, item.num_new_tokens)
         sampled = {item.seq.request_id: next_token() for item in out.scheduled if item.samples}
-        for seq in self.scheduler.update_from_output(out, sampled):
+        self.scheduler.advance(out)
+        for seq in self.read_back(out, sampled):
             self.engine_stop_check(seq, eos())
+
+    def read_back(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Sequence]:
+        """Resolve the tokens the engine reads back this step: this step's own."""
+        return self.scheduler.resolve(out, sampled)
 
     def fake_forward(self, seq: Sequence, start: int, num_new: int) -> None:
         size = self.scheduler.block_manager.block_size
@@ -442,17 +447,10 @@ class OverlappedSchedulerMachine(SchedulerMachine):
 
     in_flight: tuple[SchedulerOutput, dict[str, int]] | None = None
 
-    def engine_step(self, next_token: Callable[[], int], eos: Callable[[], bool]) -> None:
-        out = self.scheduler.schedule()
-        assert out.num_batched_tokens <= self.scheduler.config.max_num_batched_tokens
-        for item in out.scheduled:
-            self.fake_forward(item.seq, item.start, item.num_new_tokens)
-        sampled = {item.seq.request_id: next_token() for item in out.scheduled if item.samples}
-        self.scheduler.advance(out)
+    def read_back(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Sequence]:
+        """The previous step's tokens; this step's stay in flight."""
         previous, self.in_flight = self.in_flight, (out, sampled)
-        if previous is not None:
-            for seq in self.scheduler.resolve(*previous):
-                self.engine_stop_check(seq, eos())
+        return [] if previous is None else self.scheduler.resolve(*previous)
 
     def prefix(self, seq: Sequence, end: int) -> tuple[int, ...]:
         tokens = seq.token_slice(0, end)
