@@ -15,6 +15,10 @@ Per engine step, by wrapping the scheduler's and the model runner's methods on t
     wall        step() call to return
     forward     the model forward: CUDA-event time on the GPU (no synchronisation added), host time on the CPU
     outside     wall - forward: schedule, batch build, sampling, detokenisation and bookkeeping in Python
+The engine launches a step before it reads the previous step's tokens (turbo/engine.py), so a step's
+wall also holds its wait for the device's previous work: a long prompt step's time shows up in the next
+step's wall, and "outside" can come out negative.  Over the whole run, the forward share (forward time
+summed over the elapsed time) says how busy the device was with forward passes.
 Decode roofline (CUDA): a decode step must stream every weight except the embedding table plus the
 KV of every context token; that many bytes at the copy bandwidth measured in the same run is the
 step's lower bound, and the fraction reported is bound / measured.
@@ -348,6 +352,7 @@ def throughput_figures(run: RunTrace) -> dict:
         "output_tok_s": output_tokens / run.elapsed_s,
         "total_tok_s": (input_tokens + output_tokens) / run.elapsed_s,
         "request_s": len(run.requests) / run.elapsed_s,
+        "forward_share": sum(s.forward_s for s in run.steps if s.forward_s is not None) / run.elapsed_s,
     }
 
 
@@ -410,6 +415,7 @@ def table_rows(result: dict) -> list[tuple[str, str]]:
         ("Output tok/s", f"{t['output_tok_s']:.1f}"),
         ("Total tok/s", f"{t['total_tok_s']:.1f}"),
         ("Requests/s", f"{t['request_s']:.3f}"),
+        ("Forward share of elapsed", f"{100 * t['forward_share']:.1f}%"),
         ("Preemptions", str(t["preemptions"])),
     ]
     for name, label in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2e", "E2E")):

@@ -36,6 +36,8 @@ def test_run_figures_are_consistent():
         assert dist["p50"] <= dist["p99"], name
     assert result["config"]["engine"]["max_num_seqs"] == 2 and result["setup"]["warmup_s"] > 0
     steps = result["steps"]["all"]
+    assert t["forward_share"] == pytest.approx(steps["steps"] * steps["forward_ms"] / 1e3 / t["elapsed_s"])
+    assert 0 < t["forward_share"] < 1
     assert steps["forward_ms"] < steps["wall_ms"]
     assert steps["outside_ms"] == pytest.approx(steps["wall_ms"] - steps["forward_ms"])
     assert result["steps"]["decode"]["tokens_per_step"] == result["steps"]["decode"]["seqs_per_step"]
