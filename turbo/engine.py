@@ -12,7 +12,8 @@
                    the scheduler
 
 Resolving one step late keeps the device busy while the host does its per-step work
-(SGLang's overlap scheduler, LMDeploy's async engine).  Its price: a sequence stopped by
+(SGLang's overlap scheduler, LMDeploy's async engine); on the CPU, where nothing runs
+asynchronously, each step is resolved before step() returns.  Its price: a sequence stopped by
 eos or a stop string has had one more decode row computed, and dropped.  A sequence at
 max_tokens or max_model_len is known to end without its token's value and gets no extra
 row; a step whose sampler reads histories (repetition penalty) waits for the tokens first.
@@ -94,6 +95,14 @@ def read_eos_token_ids(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> f
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return frozenset(ids)
+
+
+def _overlap_steps(device: torch.device) -> bool:
+    """Launch a step before reading the previous one's tokens: on CUDA, whose queue runs on while the host
+    works; not on the CPU, where a forward pass runs inside its call and every output would only come a step
+    later.  LMC_OVERLAP=1 / 0 forces it on / off (tests; A/B timing; ruling it out of a problem)."""
+    forced = os.environ.get("LMC_OVERLAP")
+    return device.type == "cuda" if forced is None else forced != "0"
 
 
 @dataclass(eq=False)
@@ -195,8 +204,7 @@ class LLMEngine:
         self.sampler = Sampler(runner.device, config.seed)
         self._requests: dict[str, _Request] = {}
         self._in_flight: _InFlight | None = None
-        # LMC_OVERLAP=0 resolves every step before returning (A/B timing; ruling the overlap out of a problem).
-        self._overlap = os.environ.get("LMC_OVERLAP", "1") != "0"
+        self._overlap = _overlap_steps(runner.device)
         self._choice_of: dict[Sequence, _Choice] = {}
         self._seq_ids = itertools.count()
         self._prompt_tokens = self._generation_tokens = self._computed_tokens = 0

@@ -231,6 +231,20 @@ def test_launching_a_step_ahead_changes_no_output(monkeypatch):
                                                        FinishReason.STOP]
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU's default; CUDA overlaps unless LMC_OVERLAP=0")
+def test_on_the_cpu_a_step_returns_its_own_token_unless_lmc_overlap_is_1(monkeypatch):
+    firsts = {}
+    for overlap in ("", "1"):
+        if overlap:
+            monkeypatch.setenv("LMC_OVERLAP", overlap)
+        engine = make_llm().engine
+        engine.add_request("r", "The king said", GREEDY)
+        firsts[overlap] = [out.outputs[0].token_ids for out in engine.step()]
+        run_to_end(engine)
+    assert len(firsts[""]) == 1 and len(firsts[""][0]) == 1  # the prompt step's sampled token, at once
+    assert firsts["1"] == []  # still on its way: the next step() reports it
+
+
 def test_n_choices_are_the_single_requests_of_for_choice(llm):
     params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=12)
     (together,) = llm.generate(["Grub, n."], params)

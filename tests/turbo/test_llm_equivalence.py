@@ -119,8 +119,10 @@ ENGINE_SETUPS = {
 }
 
 
+@pytest.mark.parametrize("overlap", ["1", "0"], ids=["overlapped", "step-by-step"])  # LMC_OVERLAP (engine.py)
 @pytest.mark.parametrize("setup", list(ENGINE_SETUPS))
-def test_greedy_tokens_match_transformers_generate(setup, model_dir, prompts, expected):
+def test_greedy_tokens_match_transformers_generate(setup, overlap, model_dir, prompts, expected, monkeypatch):
+    monkeypatch.setenv("LMC_OVERLAP", overlap)
     engine = engine_for(model_dir, **ENGINE_SETUPS[setup])
     params = [SamplingParams(temperature=0, max_tokens=max_tokens_of(i)) for i in range(len(prompts))]
     outputs = generate_staggered(engine, prompts, params)
