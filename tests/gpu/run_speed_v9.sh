@@ -6,7 +6,8 @@
 source tests/gpu/common.sh
 make_l7_config
 T="lmc bench throughput $L7 --dummy --dtype bfloat16 --device cuda"
-cuda_tests 150 tests/turbo/kernels/test_paged_attention_kernel.py tests/turbo/test_engine.py tests/turbo/test_cuda_graph.py
+cuda_tests 150 tests/turbo/kernels/test_paged_attention_kernel.py tests/turbo/test_engine.py tests/turbo/test_cuda_graph.py \
+  tests/turbo/test_transfer.py
 TMO=120 run kernels lmc bench kernels --device cuda
 step "kernels"
 throughput_rows
