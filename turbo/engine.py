@@ -351,7 +351,7 @@ class LLMEngine:
                 targets.append(row - 1)
                 sources.append(sample_row[item.seq])
         if targets:
-            index = to_device(targets + sources, torch.int64, batch.input_ids.device).view(2, -1)
+            index = to_device(targets + sources, batch.input_ids.device, torch.int64).view(2, -1)
             batch.input_ids.index_copy_(0, index[0], in_flight.sampled.token_ids.index_select(0, index[1]))
 
     def _resolve(self) -> None:

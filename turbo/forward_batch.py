@@ -26,7 +26,6 @@ LogitsMode = Literal["last", "all", "none"]
 LOGITS_MODES = ("last", "all", "none")
 # Segments of a packed buffer start at multiples of 4 elements: 16 bytes of int32, 32 of int64.
 _ALIGN_ELEMENTS = 4
-_TORCH_DTYPES = {np.int64: torch.int64, np.int32: torch.int32}
 
 
 # Built per sequence per step: slotted and unfrozen, a quarter of a frozen dataclass's construction time.
@@ -162,7 +161,7 @@ def _packed(segments: list[list[int]], dtype: type[np.integer], device: str | to
         flat += values
         flat += [0] * (-len(flat) % _ALIGN_ELEMENTS)
         bounds.append((start, start + len(values)))
-    buffer = to_device(np.array(flat, dtype=dtype), _TORCH_DTYPES[dtype], torch.device(device))
+    buffer = to_device(np.array(flat, dtype=dtype), torch.device(device))
     return [buffer[start:end] for start, end in bounds]
 
 

@@ -180,7 +180,7 @@ class Sampler:
 
 def _per_row(values: list, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
     """A [batch] tensor of per-row parameters on `like`'s device."""
-    return to_device(values, dtype, like.device)
+    return to_device(values, like.device, dtype)
 
 
 def _penalise(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:

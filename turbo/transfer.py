@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 
-def to_device(values: np.ndarray | list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """`values` as a tensor on `device`, copied asynchronously through pinned memory on CUDA."""
+def to_device(values: np.ndarray | list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`values` as a tensor on `device` (in `dtype`, else the array's or torch's default), copied asynchronously
+    through pinned memory on CUDA."""
     host = torch.as_tensor(values, dtype=dtype)
     if device.type != "cuda":
         return host

@@ -16,8 +16,8 @@ Safety: a kernel launched with PDL must wait before it reads or writes any memor
 stream may still read or write, and every program of it waits unconditionally, so that its completion implies
 the completion of every kernel before it (the waits chain).  The one read before the wait, the GEMV's first
 weight block, is of memory no kernel writes after load: PackedW4.from_qtensor synchronizes its stream once
-the weights are packed.  `LMC_PDL=0` turns PDL off (every launch then
-waits for the whole previous kernel, as without it).
+the weights are packed.  `LMC_PDL=0` turns PDL off (every launch then waits for the whole previous kernel,
+as without it).
 """
 
 from __future__ import annotations
