@@ -12,13 +12,14 @@ Per request, from the engine's step outputs (the time step() returns with a requ
     TTFT   add_request -> first token          E2E   add_request -> last token
     TPOT   (last - first token) / (tokens - 1) ITL   gaps between a request's outputs
 Per engine step, by wrapping the scheduler's and the model runner's methods on the instances:
-    wall        step() call to return
+    wall        step() call to return; with the overlapped engine (CUDA: turbo/engine.py launches a pass
+                before it reads the previous pass's tokens), the wall of the call that read the pass's
+                tokens back, which holds the wait for its device work: the time the pass added to the run
     forward     the model forward: CUDA-event time on the GPU (no synchronisation added), host time on the CPU
-    outside     wall - forward: schedule, batch build, sampling, detokenisation and bookkeeping in Python
-The engine launches a step before it reads the previous step's tokens (turbo/engine.py), so a step's
-wall also holds its wait for the device's previous work: a long prompt step's time shows up in the next
-step's wall, and "outside" can come out negative.  Over the whole run, the forward share (forward time
-summed over the elapsed time) says how busy the device was with forward passes.
+    outside     wall - forward: schedule, batch build, sampling, detokenisation and bookkeeping in Python, and
+                on the GPU the device's work outside the forward or its idle time
+Over the whole run, the forward share (forward time summed over the elapsed time) says how busy the
+device was with forward passes.
 Decode roofline (CUDA): a decode step must stream every weight except the embedding table plus the
 KV of every context token; that many bytes at the copy bandwidth measured in the same run is the
 step's lower bound, and the fraction reported is bound / measured.
@@ -162,7 +163,7 @@ class StepProbe:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self.cuda = engine.model_runner.device.type == "cuda"
-        self.records: list[StepRecord] = []
+        self._calls: list[StepRecord] = []  # one per step() call, with that call's wall
         self._step = StepRecord(wall_s=0.0)
         self._events: list[tuple[StepRecord, torch.cuda.Event, torch.cuda.Event]] = []
 
@@ -177,8 +178,13 @@ class StepProbe:
 
     def end_step(self, wall_s: float) -> None:
         self._step.wall_s = wall_s
-        self.records.append(self._step)
+        self._calls.append(self._step)
         self._step = StepRecord(wall_s=0.0)
+
+    @property
+    def records(self) -> list[StepRecord]:
+        """One record per pass, with its wall (see pass_walls)."""
+        return pass_walls(self._calls, read_back_later=self.cuda and self.engine.overlaps_steps)
 
     def _host_timed(self, attribute: str) -> Callable[[Callable], Callable]:
         def wrap(method: Callable) -> Callable:
@@ -217,6 +223,23 @@ class StepProbe:
         for step, start, end in self._events:
             step.forward_s = start.elapsed_time(end) / 1e3
         self._events.clear()
+
+
+def pass_walls(calls: list[StepRecord], read_back_later: bool) -> list[StepRecord]:
+    """The step() calls' records as one record per forward pass, with the wall time the pass added.
+
+    Without overlap a call runs its pass and reads its tokens: the pass's wall is the call's.  When the
+    engine reads a pass's tokens back in the next call while the device runs the pass (read_back_later:
+    the overlapped engine on CUDA), that next call's wall holds the wait for the pass's device work, so
+    it is the pass's wall; a call that launched nothing only reads back.
+    """
+    if not read_back_later:
+        return [call for call in calls if call.num_tokens]
+    passes = []
+    for launched, reader in zip(calls, calls[1:]):
+        if launched.num_tokens:
+            passes.append(dataclasses.replace(launched, wall_s=reader.wall_s))
+    return passes
 
 
 # --- the run --------------------------------------------------------------------------------------

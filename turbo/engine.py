@@ -204,7 +204,7 @@ class LLMEngine:
         self.sampler = Sampler(runner.device, config.seed)
         self._requests: dict[str, _Request] = {}
         self._in_flight: _InFlight | None = None
-        self._overlap = _overlap_steps(runner.device)
+        self.overlaps_steps = _overlap_steps(runner.device)
         self._choice_of: dict[Sequence, _Choice] = {}
         self._seq_ids = itertools.count()
         self._prompt_tokens = self._generation_tokens = self._computed_tokens = 0
@@ -308,7 +308,7 @@ class LLMEngine:
         launched = self._launch(scheduled) if scheduled.scheduled else None
         self._resolve()
         self._in_flight = launched
-        if not self._overlap:
+        if not self.overlaps_steps:
             self._resolve()
         return self._collect_outputs()
 

@@ -4,6 +4,8 @@ the arithmetic of the per-request, per-step and roofline figures on known timing
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from lmcompress.errors import LmcError
@@ -103,6 +105,19 @@ def test_request_figures_from_known_times():
     latency = bench.latency_figures([trace])
     assert latency["ttft"] == pytest.approx({"mean": 500.0, "p50": 500.0, "p99": 500.0})
     assert bench.distribution_ms([]) == {"mean": None, "p50": None, "p99": None}
+
+
+def test_overlapped_passes_take_the_wall_of_the_call_that_read_them_back():
+    prompt = bench.StepRecord(wall_s=0.001, forward_s=0.150, num_seqs=2, num_tokens=256)
+    decode = bench.StepRecord(wall_s=0.001, forward_s=0.005, num_seqs=2, num_tokens=2, decode=True)
+    reads_only = bench.StepRecord(wall_s=0.004)
+    # Call 2 waited for the prompt pass, call 3 for the decode pass; call 1 only launched.
+    calls = [prompt, dataclasses.replace(decode, wall_s=0.152), dataclasses.replace(reads_only, wall_s=0.006)]
+    overlapped = bench.pass_walls(calls, read_back_later=True)
+    assert [(p.num_tokens, p.wall_s) for p in overlapped] == [(256, 0.152), (2, 0.006)]
+    assert bench.step_figures([p for p in overlapped if p.decode])["outside_ms"] == pytest.approx(1.0)
+    # Run inside their calls, passes keep their own call's wall; calls that ran nothing are not passes.
+    assert [p.wall_s for p in bench.pass_walls(calls, read_back_later=False)] == [0.001, 0.152]
 
 
 def test_step_and_roofline_figures_from_known_times():
