@@ -221,7 +221,7 @@ def bench_kernels(device, dtype, json_path) -> None:
     if torch_dtype not in (torch.float16, torch.bfloat16):
         raise LmcError(f"--dtype {dtype} is not a 16-bit float; the kernels take bfloat16 or float16, pass one")
     config = bench.KernelBenchConfig(dtype=torch_dtype)
-    result = bench.run_kernel_bench(config, target, bench.cuda_timer())
+    result = bench.run_kernel_bench(config, target, bench.cuda_timers())
     _report("kernels", target, {"config": config.to_dict(), **result.to_dict()}, bench.tables(result), json_path)
 
 

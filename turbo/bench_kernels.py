@@ -11,8 +11,12 @@ Every figure comes from one run on one device, so the ratios compare like with l
     rms_norm, silu_and_mul   the fused kernels against their torch references
 
 Bytes are what a kernel must move at least (each operand read once, the output written once);
-W4 weights count as AutoAWQ stores them (4-bit codes and zeros, 16-bit scales).  Times are
-medians of triton.testing.do_bench, which flushes the L2 cache before every call.  The kernel
+W4 weights count as AutoAWQ stores them (4-bit codes and zeros, 16-bit scales).  Every call is
+timed as turbo runs it, with the L2 cache flushed before it (a decode step reads each weight
+once): calls of decode-step size (fewer than GRAPHED_BELOW_ROWS rows, and all decode attention)
+inside a CUDA graph, as turbo's decode steps replay them, so the host's launch speed plays no part
+(a slow host made do_bench report a 79 us o_proj GEMV that takes 8 us in a graph); prompt-sized
+calls eagerly, by triton.testing.do_bench, as turbo's prompt steps run them.  The kernel
 modules are imported when their rows run: a module not written yet makes its rows "missing",
 a kernel that fails makes its rows "error: ...", and the other rows still run.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import accumulate
@@ -35,6 +40,18 @@ from lmcompress.turbo.kv_cache import KVCache, KVCacheSpec
 
 # Milliseconds per call of a no-argument function.
 Timer = Callable[[Callable[[], object]], float]
+# Calls with fewer rows (tokens) than this run in turbo's decode-step CUDA graphs; larger ones are prompt
+# steps, run eagerly (the W4A16 linear then dequantizes and calls cuBLAS, see kernels/w4a16.py).
+GRAPHED_BELOW_ROWS = 256
+
+
+@dataclass(frozen=True)
+class Timers:
+    graphed: Timer  # decode-step calls
+    eager: Timer  # prompt-step calls
+
+    def for_rows(self, rows: int) -> Timer:
+        return self.graphed if rows < GRAPHED_BELOW_ROWS else self.eager
 
 COPY_BYTES = 2**30
 MATMUL_SIZE = 8192
@@ -253,7 +270,7 @@ def int4pack_operands(qt: QTensor, dtype: torch.dtype, inner_k_tiles: int = 8) -
     return torch._convert_weight_to_int4pack(packed, inner_k_tiles), int4pack_scales_and_zeros(qt, dtype)
 
 
-def _linear_rows(config: KernelBenchConfig, device: torch.device, timer: Timer,
+def _linear_rows(config: KernelBenchConfig, device: torch.device, timers: Timers,
                  generator: torch.Generator) -> list[Measurement]:
     rows = []
     itemsize = torch.empty((), dtype=config.dtype).element_size()
@@ -267,6 +284,7 @@ def _linear_rows(config: KernelBenchConfig, device: torch.device, timer: Timer,
             reference = F.linear(x, dense)
             case = {"shape": shape.name, "m": m, "n": n, "k": k}
             flops = linear_flops(m, n, k)
+            timer = timers.for_rows(m)
             w4_bytes = linear_bytes(m, n, k, w4_weight_bytes(n, k, config.group_size, itemsize), itemsize)
 
             def check(run: Callable[[], torch.Tensor]) -> float:
@@ -322,7 +340,7 @@ def filled_kv_cache(spec: KVCacheSpec, seq_lens: Sequence[int], device: torch.de
     return cache, tables
 
 
-def _attention_rows(config: KernelBenchConfig, device: torch.device, timer: Timer,
+def _attention_rows(config: KernelBenchConfig, device: torch.device, timers: Timers,
                     generator: torch.Generator) -> list[Measurement]:
     rows = []
     itemsize = torch.empty((), dtype=config.dtype).element_size()
@@ -338,7 +356,8 @@ def _attention_rows(config: KernelBenchConfig, device: torch.device, timer: Time
                 decode_attention_flops(seq_lens, config.num_heads, config.head_dim),
                 baseline=config.dtype_name,
             )
-            rows.append(measure(row, timer, lambda: _attention_call(config, spec, seq_lens, device, generator)))
+            rows.append(measure(row, timers.graphed,
+                                lambda: _attention_call(config, spec, seq_lens, device, generator)))
     return rows
 
 
@@ -356,7 +375,7 @@ def _attention_call(config: KernelBenchConfig, spec: KVCacheSpec, seq_lens: list
 # --- fused small ops ------------------------------------------------------------------------------
 
 
-def _fused_rows(config: KernelBenchConfig, device: torch.device, timer: Timer,
+def _fused_rows(config: KernelBenchConfig, device: torch.device, timers: Timers,
                 generator: torch.Generator) -> list[Measurement]:
     rows = []
     itemsize = torch.empty((), dtype=config.dtype).element_size()
@@ -366,6 +385,7 @@ def _fused_rows(config: KernelBenchConfig, device: torch.device, timer: Timer,
         x, residual = (torch.randn(tokens, hidden, generator=generator, device=device, dtype=config.dtype)
                        for _ in range(2))
         gate_up = torch.randn(tokens, 2 * intermediate, generator=generator, device=device, dtype=config.dtype)
+        timer = timers.for_rows(tokens)
         for impl, suffix in (("triton", ""), ("reference", "_reference")):
             baseline = "reference" if impl == "triton" else None
 
@@ -430,17 +450,17 @@ class KernelBenchResult:
                 "matmul_tflops": self.matmul_tflops, "measurements": rows, "layer_linear_us": self.layer_linear_us()}
 
 
-def run_kernel_bench(config: KernelBenchConfig, device: torch.device, timer: Timer) -> KernelBenchResult:
-    """Time every kernel and case of `config` on `device` (CUDA in real runs; any device with a fake timer)."""
+def run_kernel_bench(config: KernelBenchConfig, device: torch.device, timers: Timers) -> KernelBenchResult:
+    """Time every kernel and case of `config` on `device` (CUDA in real runs; any device with fake timers)."""
     generator = torch.Generator(device=device).manual_seed(config.seed)
     result = KernelBenchResult(
         device=str(device),
         dtype=config.dtype_name,
-        copy_gbps=measure_copy_gbps(device, timer, config.copy_bytes),
-        matmul_tflops=measure_matmul_tflops(device, timer, config.matmul_size, config.dtype),
+        copy_gbps=measure_copy_gbps(device, timers.eager, config.copy_bytes),
+        matmul_tflops=measure_matmul_tflops(device, timers.eager, config.matmul_size, config.dtype),
     )
     for rows in (_linear_rows, _attention_rows, _fused_rows):
-        result.measurements += rows(config, device, timer, generator)
+        result.measurements += rows(config, device, timers, generator)
     return result
 
 
@@ -458,6 +478,53 @@ def cuda_timer(warmup_ms: int = 25, rep_ms: int = 100) -> Timer:
     from triton.testing import do_bench
 
     return lambda fn: do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def cuda_timers() -> Timers:
+    return Timers(graphed=CudaGraphTimer(), eager=cuda_timer())
+
+
+class CudaGraphTimer:
+    """Median milliseconds per call of the device alone: `calls` calls captured in one CUDA graph, each after
+    a read of flush_bytes (which evicts the call's operands from L2 and leaves it clean), less the same graph
+    without the calls, over `trials` replays of each."""
+
+    def __init__(self, calls: int = 50, trials: int = 5, flush_bytes: int = 2**28):
+        self.calls, self.trials, self.flush_bytes = calls, trials, flush_bytes
+        self._flush: torch.Tensor | None = None
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        if self._flush is None:
+            self._flush = torch.ones(self.flush_bytes // 4, device="cuda")
+        flush = self._flush.sum
+        with_calls = _captured(lambda: (flush(), fn()), self.calls)
+        flush_only = _captured(flush, self.calls)
+        trials = [(_replay_ms(with_calls) - _replay_ms(flush_only)) / self.calls for _ in range(self.trials)]
+        return statistics.median(trials)
+
+
+def _captured(step: Callable[[], object], times: int) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `times` calls of step, warmed up (Triton compiles, allocator pools) on a side stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(times):
+            step()
+    return graph
+
+
+def _replay_ms(graph: torch.cuda.CUDAGraph) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 # --- the report -----------------------------------------------------------------------------------
