@@ -23,34 +23,13 @@ from lmcompress.turbo.bench_kernels import cuda_timer, measure_copy_gbps, random
 from lmcompress.turbo.kernels.pdl import graph_launches
 from lmcompress.turbo.kernels.w4a16 import PackedW4, w4a16_matmul
 
+from graph_timing import graph_us  # this folder (the script's directory is on sys.path)
+
 SHAPES = [("qkv_proj", 12288, 4096), ("o_proj", 4096, 4096), ("gate_up_proj", 22016, 4096), ("down_proj", 4096, 11008)]
 ROTATION_BYTES = 400e6  # weight copies per shape: their bytes exceed the L2 (50 MB) several times over
 GROUP = 128
+REPLAYS = 20
 DTYPE = torch.bfloat16
-
-
-def graph_us(calls: list, replays: int = 20) -> float:
-    """Microseconds a call: calls (one per weight copy) captured once in a CUDA graph, replayed."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (replays * len(calls))
 
 
 def gemlite_linear(qt, n: int, k: int):
@@ -87,11 +66,11 @@ def compare_shape(name: str, n: int, k: int, ms: list[int], copy_gbps: float, ge
                "gemlite_first_call_s": tune_s,
                "err_ours": rel_err(w4a16_matmul(x, ours[0]), ref), "err_gemlite": rel_err(gl_out, ref),
                "err_bf16": rel_err(F.linear(x, dense[0]), ref),
-               "bf16_us": graph_us([lambda w=w: F.linear(x, w) for w in dense]),
-               "ours_us": graph_us([lambda w=w: w4a16_matmul(x, w) for w in ours]),
-               "gemlite_us": graph_us([lambda g=g: g(x) for g in gl])}
+               "bf16_us": graph_us([lambda w=w: F.linear(x, w) for w in dense], REPLAYS),
+               "ours_us": graph_us([lambda w=w: w4a16_matmul(x, w) for w in ours], REPLAYS),
+               "gemlite_us": graph_us([lambda g=g: g(x) for g in gl], REPLAYS)}
         with graph_launches():
-            row["ours_pdl_us"] = graph_us([lambda w=w: w4a16_matmul(x, w) for w in ours])
+            row["ours_pdl_us"] = graph_us([lambda w=w: w4a16_matmul(x, w) for w in ours], REPLAYS)
         for impl in ("ours", "ours_pdl", "gemlite"):
             row[f"{impl}_copy_pct"] = 100 * w4_bytes / (row[f"{impl}_us"] * 1e-6) / (copy_gbps * 1e9)
             row[f"{impl}_speedup"] = row["bf16_us"] / row[f"{impl}_us"]

@@ -56,9 +56,14 @@ LOG2E = 1.4426950408889634
 # (tests/gpu/attention_sweep.py, H200, Llama-2-7B heads) measured batches of 32-128 at 192-1152 positions 4-35 %
 # faster so than with 32-64 positions a tile and 4 warps, and every split slower.  Fewer sequences split into
 # partitions up to _PROGRAMS_PER_SM programs an SM, at 4 warps: the grid that read 88-97 % of the copy bandwidth at
-# long contexts in run D (run AE's 2 programs an SM at 2 warps read 53 % at 1 x 32k).
+# long contexts in run D (run AE's 2 programs an SM at 2 warps read 53 % at 1 x 32k).  Sequences x KV heads
+# fewer than the SMs (batch 1-4 of Llama-2-7B) split to _FEW_PROGRAMS_PER_SM at 32 positions a tile and 2 warps:
+# run AJ (L2 flushed, 32k-token tables) measured batch 1 at 192-384 positions 8.6-9.8 us against 12.8-13.0 (bf16
+# and int8 alike), at 4,096 26.1 / 19.7 us against 31.4 / 22.6 (bf16 / int8), at 32,768 143.0 / 96.9 against
+# 164.8 / 94.3.
 _UNSPLIT_PROGRAMS_PER_SM = 4
 _PROGRAMS_PER_SM = 8
+_FEW_PROGRAMS_PER_SM = 4
 _MAX_PARTITIONS = 64
 _WARPS_WITHOUT_GQA = {None: 2, 8: 4, 4: 1}
 
@@ -401,13 +406,17 @@ def decode_launch(batch: int, cache: LayerKVCache, group: int, query_dtype: torc
     num_kv_heads = keys.data.shape[1]
     sms = sm_count(device)
     unsplit = batch * num_kv_heads >= _UNSPLIT_PROGRAMS_PER_SM * sms
-    if group == 1:
+    few = batch * num_kv_heads < sms
+    programs_per_sm = _PROGRAMS_PER_SM
+    if group == 1 and few:
+        block_n, num_warps, programs_per_sm = 32, 2, _FEW_PROGRAMS_PER_SM
+    elif group == 1:
         block_n, num_warps = 16, _WARPS_WITHOUT_GQA[keys.bits] if unsplit else 4
     elif query_dtype == torch.float32 or keys.data.dtype == torch.float32:
         block_n, num_warps = 16, 4  # float32 dots on the CUDA cores (the float32 test suite on CUDA)
     else:
         block_n, num_warps = 64, 4
-    wanted = 1 if unsplit and group == 1 else triton.cdiv(_PROGRAMS_PER_SM * sms, batch * num_kv_heads)
+    wanted = 1 if unsplit and group == 1 else triton.cdiv(programs_per_sm * sms, batch * num_kv_heads)
     limit = min(_MAX_PARTITIONS, max(1, triton.cdiv(max_context, block_n)), wanted)
     # tl.dot's operands are loaded through cp.async one tile ahead (Triton's pipeliner);
     # _attend_one prefetches by hand, the pipeliner leaves CUDA-core loops alone.

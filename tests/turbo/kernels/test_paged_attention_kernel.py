@@ -96,6 +96,26 @@ def test_decode_matches_the_reference(kv_dtype, static, dtype, heads, kv_heads, 
         assert torch.equal(out[len(contexts):], torch.zeros_like(out[len(contexts):]))
 
 
+@pytest.mark.parametrize("batch, kv_heads, group, kv_dtype, expected", [
+    (1, 32, 1, "bfloat16", (32, 16, 2)),  # 32 programs from the sequence: run AJ's grid for few sequences
+    (4, 32, 1, "int8", (32, 4, 2)),
+    (16, 32, 1, "bfloat16", (16, 2, 4)),  # 512 programs: run D's split
+    (64, 32, 1, "int8", (16, 1, 4)),  # 2,048 programs fill the GPU: no split, warps by KV bits (run AD)
+    (64, 32, 1, "int4", (16, 1, 1)),
+    (1, 8, 4, "bfloat16", (64, 64, 4)),  # GQA: tl.dot tiles
+])
+def test_decode_launch_by_how_many_programs_the_sequences_give(monkeypatch, batch, kv_heads, group, kv_dtype,
+                                                              expected):
+    pytest.importorskip("triton")
+    from lmcompress.turbo.kernels import paged_attention
+
+    monkeypatch.setattr(paged_attention, "sm_count", lambda device: 132)  # the H200's
+    spec = KVCacheSpec(num_layers=1, num_kv_heads=kv_heads, head_dim=128, block_size=64, dtype=kv_dtype)
+    layer = KVCache(spec, 4, torch.device("cpu")).layers[0]
+    launch = paged_attention.decode_launch(batch, layer, group, torch.bfloat16, 32768, torch.device("cpu"))
+    assert (launch.block_n, launch.partitions, launch.num_warps) == expected
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("kv_dtype, static, dtype", KINDS)
