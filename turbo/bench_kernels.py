@@ -44,6 +44,10 @@ Timer = Callable[[Callable[[], object]], float]
 # steps, run eagerly (the W4A16 linear then dequantizes and calls cuBLAS, see kernels/w4a16.py).
 GRAPHED_BELOW_ROWS = 256
 
+COPY_BYTES = 2**30
+MATMUL_SIZE = 8192
+RMS_NORM_EPS = 1e-5
+
 
 @dataclass(frozen=True)
 class Timers:
@@ -52,10 +56,6 @@ class Timers:
 
     def for_rows(self, rows: int) -> Timer:
         return self.graphed if rows < GRAPHED_BELOW_ROWS else self.eager
-
-COPY_BYTES = 2**30
-MATMUL_SIZE = 8192
-RMS_NORM_EPS = 1e-5
 
 
 @dataclass(frozen=True)
