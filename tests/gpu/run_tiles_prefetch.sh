@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Ran at commit c268de6 (run AL); the commit after it reverts the experiment.
 # The W4A16 tiles with the next block's packed weights requested before the current block's dots, against the
 # same kernel without (the parent commit's w4a16.py, placed at ab_tmp/w4a16_before.py by `git show HEAD~1:turbo/kernels/w4a16.py`): CUDA tests of the kernel,
 # the M-bucket table's configs at M = 16, 32, 64 in CUDA graphs both ways, then the batch-32 and -64 rows.

@@ -320,16 +320,10 @@ def _plane_params(scales_ptr, zeros_ptr, block, offs_n, n_mask, N, J: tl.constex
 
 
 @triton.jit
-def _load_block(qweight_ptr, block, offs_n, n_mask, N, TRANSPOSED: tl.constexpr):
-    """The packed rows of one block: [16, BN] int32 for the GEMV, or with TRANSPOSED [BN, 16] uint32 for the
-    tiles (whose weight is out^T's left operand)."""
+def _load_block(qweight_ptr, block, offs_n, mask, N):
+    """[16, BN] int32: the packed rows of one block."""
     rows = block * 16 + tl.arange(0, 16)
-    if TRANSPOSED:
-        packed = tl.load(qweight_ptr + rows[None, :] * N + offs_n[:, None], mask=n_mask[:, None], other=0)
-        packed = packed.to(tl.uint32, bitcast=True)
-    else:
-        packed = tl.load(qweight_ptr + rows[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
-    return packed
+    return tl.load(qweight_ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0)
 
 
 @triton.jit
@@ -360,11 +354,11 @@ def _gemv_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, pid_m, offs_n, n_ma
     """
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm + 2 * tl.arange(0, 16)
-    packed = _load_block(qweight_ptr, block_start, offs_n, n_mask, N, False)
+    packed = _load_block(qweight_ptr, block_start, offs_n, n_mask[None, :], N)
     wait_for_producers(PDL)
     for block in range(block_start, block_end):
         # The last iteration reloads its own block (a cache hit) instead of masking the prefetch.
-        upcoming = _load_block(qweight_ptr, tl.minimum(block + 1, block_end - 1), offs_n, n_mask, N, False)
+        upcoming = _load_block(qweight_ptr, tl.minimum(block + 1, block_end - 1), offs_n, n_mask[None, :], N)
         for group in tl.static_range(128 // GROUP):  # the planes of one group share its zero and scale
             x_dot_q = tl.zeros([16, BLOCK_N], dtype=tl.float32)  # units of 2**-74
             x_sum = tl.zeros([16, 1], dtype=tl.float32)
@@ -472,11 +466,10 @@ def _tile_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, offs_m, m_mask, off
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # out^T: the weight is the dot's left operand
     x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + tl.arange(0, 32)[:, None]  # [32, BM]
     dtype = x_ptr.dtype.element_ty
-    packed = _load_block(qweight_ptr, block_start, offs_n, n_mask, N, True)
     for block in range(block_start, block_end):
-        # Triton pipelines only the loads that feed a dot (x's), so the next block's weights are requested
-        # here by hand, before this block's dots; the last iteration reloads its own block (a cache hit).
-        upcoming = _load_block(qweight_ptr, tl.minimum(block + 1, block_end - 1), offs_n, n_mask, N, True)
+        rows = block * 16 + tl.arange(0, 16)
+        packed = tl.load(qweight_ptr + rows[None, :] * N + offs_n[:, None], mask=n_mask[:, None], other=0)
+        packed = packed.to(tl.uint32, bitcast=True)  # [BN, 16]
         for group in tl.static_range(128 // GROUP):
             scale, zero = _plane_params(scales_ptr, zeros_ptr, block, offs_n, n_mask, N, group * (GROUP // 16),
                                         GROUP)
@@ -492,7 +485,6 @@ def _tile_partial(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, offs_m, m_mask, off
                     part = tl.dot(weight, x, part, input_precision=DOT_PRECISION)
             if not SCALE_IN_WEIGHT:
                 acc += scale * part
-        packed = upcoming
     return tl.trans(acc)
 
 
