@@ -17,7 +17,8 @@ Per engine step, by wrapping the scheduler's and the model runner's methods on t
                 tokens back, which holds the wait for its device work: the time the pass added to the run
     forward     the model forward: CUDA-event time on the GPU (no synchronisation added), host time on the CPU
     outside     wall - forward: schedule, batch build, sampling, detokenisation and bookkeeping in Python, and
-                on the GPU the device's work outside the forward or its idle time
+                on the GPU the device's work outside the forward or its idle time; negative for a long pass
+                overlapped, whose device time began inside the call that launched it
 Over the whole run, the forward share (forward time summed over the elapsed time) says how busy the
 device was with forward passes.
 Decode roofline (CUDA): a decode step must stream every weight except the embedding table plus the
