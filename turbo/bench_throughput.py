@@ -334,7 +334,8 @@ def run_throughput(engine_config: EngineConfig, bench: ThroughputConfig, quant: 
         "throughput": {**throughput_figures(run), "preemptions": preempted},
         "latency_ms": latency_figures(run.requests),
         "steps": {"forward_clock": "cuda_events" if runner.device.type == "cuda" else "host",
-                  "all": step_figures(run.steps), "decode": step_figures([s for s in run.steps if s.decode])},
+                  "all": step_figures(run.steps), "prompt": step_figures([s for s in run.steps if not s.decode]),
+                  "decode": step_figures([s for s in run.steps if s.decode])},
         "roofline": None if copy_gbps is None else roofline_figures(
             run.steps, copy_gbps, decode_weight_bytes(runner), runner.kv_spec.bytes_per_token()),
         "requests": [{"prompt_len": r.prompt_len, "output_tokens": r.output_tokens, "ttft_ms": 1e3 * r.ttft,
@@ -449,7 +450,7 @@ def table_rows(result: dict) -> list[tuple[str, str]]:
         ("KV cache (MiB, tokens)", f"{mem['kv_cache_bytes'] / 2**20:.1f}, {mem['kv_capacity_tokens']}"),
         (f"Peak memory (MiB, {mem['peak_kind']})", f"{mem['peak_bytes'] / 2**20:.1f}"),
     ]
-    for kind in ("all", "decode"):
+    for kind in ("all", "prompt", "decode"):  # prompt: every step that is not decode only (mixed ones too)
         steps = result["steps"][kind]
         if steps["steps"]:
             rows.append((f"{kind.capitalize()} steps: n, wall / forward / outside (ms)",

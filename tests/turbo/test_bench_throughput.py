@@ -43,6 +43,9 @@ def test_run_figures_are_consistent():
     assert steps["forward_ms"] < steps["wall_ms"]
     assert steps["outside_ms"] == pytest.approx(steps["wall_ms"] - steps["forward_ms"])
     assert result["steps"]["decode"]["tokens_per_step"] == result["steps"]["decode"]["seqs_per_step"]
+    prompt = result["steps"]["prompt"]  # the steps that are not decode-only: every prompt token goes through one
+    assert prompt["steps"] + result["steps"]["decode"]["steps"] == steps["steps"]
+    assert prompt["steps"] * prompt["tokens_per_step"] >= t["input_tokens"]
     memory = result["memory"]
     assert memory["kv_capacity_tokens"] == 64 * 16
     assert memory["kv_cache_bytes"] == 64 * 16 * memory["kv_bytes_per_token"]
