@@ -212,7 +212,8 @@ def bench_hf(model_dir, dummy, batch_size, input_len, output_len, cache, dtype, 
 @json_option
 def bench_kernels(device, dtype, json_path) -> None:
     """Time turbo's CUDA kernels (W4A16 linear, paged decode attention over float/int8/int4 KV, fused
-    norms) at Llama-2-7B shapes, against the copy bandwidth and matmul rate measured in the same run."""
+    norms) at Llama-2-7B shapes, against the copy bandwidth and matmul rate measured in the same run.
+    Decode-sized calls are timed inside CUDA graphs, as decode steps run them; prompt-sized ones eagerly."""
     from lmcompress.turbo import bench_kernels as bench
 
     target = resolve_device(device)
