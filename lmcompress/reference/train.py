@@ -243,7 +243,8 @@ def train_candidates(args: argparse.Namespace, config: LlamaConfig, stream: torc
     results, states = [], []
     for epochs in args.epochs:
         budget = args.max_seconds * epochs / sum(args.epochs)
-        cfg = TrainConfig(epochs=epochs, max_seconds=budget, batch_size=args.batch_size, peak_lr=args.peak_lr)
+        cfg = TrainConfig(epochs=epochs, max_seconds=budget, batch_size=args.batch_size, peak_lr=args.peak_lr,
+                          weight_decay=args.weight_decay)
         state, run = train_one(config, stream, valid, cfg, device, bos_id)
         record = asdict(run)
         record["heldout"] = quant_metrics(fp16_model(config, state, device), heldout, cfg.seq_len)
@@ -265,6 +266,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-seconds", type=float, default=440, help="training time for all candidates")
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--peak-lr", type=float, default=TrainConfig.peak_lr)
+    parser.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay,
+                        help="AdamW weight decay of the matrices, embeddings included (norm weights get none)")
     parser.add_argument("--max-train-tokens", type=int, default=0, help="truncate the training stream (dry runs)")
     parser.add_argument("--min-w4-increase", type=float, default=0.02)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -303,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
         "seq_len": seq_len,
         "slice_windows": SLICE_WINDOWS,
         "train_config": asdict(TrainConfig(epochs=0, max_seconds=args.max_seconds, batch_size=args.batch_size,
-                                           peak_lr=args.peak_lr)),
+                                           peak_lr=args.peak_lr, weight_decay=args.weight_decay)),
         "candidates": results,
         "chosen": chosen,
         "saved": quant_metrics(reloaded, heldout, seq_len),
