@@ -497,18 +497,19 @@ class CudaGraphTimer:
         if self._flush is None:
             self._flush = torch.ones(self.flush_bytes // 4, device="cuda")
         flush = self._flush.sum
-        with_calls = _captured(lambda: (flush(), fn()), self.calls)
-        flush_only = _captured(flush, self.calls)
-        trials = [(_replay_ms(with_calls) - _replay_ms(flush_only)) / self.calls for _ in range(self.trials)]
+        with_calls = capture_graph(lambda: (flush(), fn()), self.calls)
+        flush_only = capture_graph(flush, self.calls)
+        trials = [(replay_ms(with_calls) - replay_ms(flush_only)) / self.calls for _ in range(self.trials)]
         return statistics.median(trials)
 
 
-def _captured(step: Callable[[], object], times: int) -> torch.cuda.CUDAGraph:
-    """A CUDA graph of `times` calls of step, warmed up (Triton compiles, allocator pools) on a side stream."""
+def capture_graph(step: Callable[[], object], times: int, warmups: int = 3) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `times` calls of step, after `warmups` calls on a side stream (Triton compiles,
+    allocator pools).  The kernel sweeps under tests/gpu time their launches with it too (graph_timing.py)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(3):
+        for _ in range(warmups):
             step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
@@ -518,10 +519,12 @@ def _captured(step: Callable[[], object], times: int) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def _replay_ms(graph: torch.cuda.CUDAGraph) -> float:
+def replay_ms(graph: torch.cuda.CUDAGraph, replays: int = 1) -> float:
+    """Device milliseconds of `replays` back-to-back replays of graph."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    graph.replay()
+    for _ in range(replays):
+        graph.replay()
     end.record()
     end.synchronize()
     return start.elapsed_time(end)
