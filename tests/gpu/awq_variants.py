@@ -1,10 +1,10 @@
 """AWQ variants on the reference model, each quantized and scored on the whole held-out text (issue 2's
 table): the knobs behind the default that no CLI flag reaches, so the default's choice can be rerun.
 
-    python3 tests/gpu/awq_variants.py OUT.json [--device cuda] [--samples 128] [--calib PATH] [--seeds 42 ...]
-        [--only NAME ...]
+    python3 tests/gpu/awq_variants.py OUT.json [--model DIR] [--device cuda] [--samples 128] [--calib PATH]
+        [--seeds 42 ...] [--only NAME ...]
 
-Each variant quantizes tests/assets/ref-llama with `lmc quantize`'s code (quantize_checkpoint, 512-token
+Each variant quantizes --model (default tests/assets/ref-llama) with `lmc quantize`'s code (quantize_checkpoint, 512-token
 samples of --calib drawn with each seed) and evaluates it as `lmc eval ppl --max-length 1024 --stride 1024`
 does; the share of RTN's gap to fp closed is printed against fp and RTN from the same run.
 """
@@ -188,6 +188,7 @@ def perplexity(model_dir: str, device: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
+    parser.add_argument("--model", default=MODEL)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
@@ -195,7 +196,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
     parser.add_argument("--only", nargs="*", default=list(VARIANTS))
     args = parser.parse_args()
-    results = {"fp": perplexity(MODEL, args.device)}
+    results = {"fp": perplexity(args.model, args.device)}
     runs = [("rtn", 42)] + [(name, seed) for seed in args.seeds for name in args.only if name != "rtn"]
     for name, seed in runs:
         method, options, knob = VARIANTS[name]
@@ -203,15 +204,15 @@ def main() -> None:
             opts = QuantizeOptions(method=method, calib_data=args.calib, calib_samples=args.samples,
                                    calib_seqlen=args.seqlen, seed=seed,
                                    device=args.device, method_options=options)
-            seconds = quantize_checkpoint(MODEL, f"{tmp}/out", opts, progress=False).seconds
+            seconds = quantize_checkpoint(args.model, f"{tmp}/out", opts, progress=False).seconds
             ppl = perplexity(f"{tmp}/out", args.device)
         results["rtn" if name == "rtn" else f"{name}@{seed}"] = ppl
         share = (results["rtn"] - ppl) / (results["rtn"] - results["fp"])
         print(f"{name:24s} seed {seed:3d}  ppl {ppl:.4f}  share of RTN's gap closed {100 * share:5.1f} %  "
               f"quantize {seconds:.1f} s", flush=True)
     with open(args.out, "w") as f:
-        json.dump({"samples": args.samples, "seqlen": args.seqlen, "calib": args.calib, "perplexity": results}, f,
-                  indent=1)
+        json.dump({"model": args.model, "samples": args.samples, "seqlen": args.seqlen, "calib": args.calib,
+                   "perplexity": results}, f, indent=1)
 
 
 if __name__ == "__main__":
