@@ -51,9 +51,6 @@ class QuantizeOptions:
     device: str = "auto"
     method_options: dict = field(default_factory=dict)
     max_shard_bytes: int = 2 * 1024**3
-    # Each layer is calibrated on the hidden states the already quantized layers produce (GPTQ's way); True
-    # takes the float model's hidden states instead, as AutoAWQ does.
-    float_inputs: bool = False
 
     def format_quant(self) -> QuantConfig:
         """The quantizer settings the output format can store (see QuantConfig.min_zero)."""
@@ -158,9 +155,8 @@ class _LayerwiseQuantizer:
         ctx = LayerContext(layer, hidden, position_embeddings, self.spec, self.options.format_quant(),
                            name=f"{self.spec.layers_prefix}.{index}")
         self._record_kv(index, ctx)
-        float_outputs = ctx.batched(ctx.call_layer, hidden) if self.options.float_inputs else None
         qtensors = self.method(ctx, **self.options.method_options)
-        hidden = ctx.batched(ctx.call_layer, hidden) if float_outputs is None else float_outputs
+        hidden = ctx.batched(ctx.call_layer, hidden)
         _check_finite(hidden, f"activations after decoder layer {index}",
                       fix="calibrate in float32 on other data, or check the weights")
         self._write_layer(index, layer, qtensors)

@@ -177,10 +177,8 @@ VARIANTS = {
     "awq_range_search_shrunk_ranges": ("awq", {"clip": False, "range_search": True}, shrunk_final_ranges),
     "awq_grid_40": ("awq", {"n_grid": 40}, contextlib.nullcontext),
     "awq_two_stage": ("awq", {}, two_stage),
-    "awq_float_inputs": ("awq", {"float_inputs": True}, contextlib.nullcontext),
     "gptq": ("gptq", {}, contextlib.nullcontext),
 }
-PIPELINE_FIELDS = {f.name for f in dataclasses.fields(QuantizeOptions)}  # options that go to the pipeline
 
 
 def perplexity(model_dir: str, device: str) -> float:
@@ -204,9 +202,8 @@ def main() -> None:
         method, options, knob = VARIANTS[name]
         with tempfile.TemporaryDirectory() as tmp, knob():
             opts = QuantizeOptions(method=method, calib_data=args.calib, calib_samples=args.samples,
-                                   calib_seqlen=args.seqlen, seed=seed, device=args.device,
-                                   method_options={k: v for k, v in options.items() if k not in PIPELINE_FIELDS},
-                                   **{k: v for k, v in options.items() if k in PIPELINE_FIELDS})
+                                   calib_seqlen=args.seqlen, seed=seed,
+                                   device=args.device, method_options=options)
             seconds = quantize_checkpoint(args.model, f"{tmp}/out", opts, progress=False).seconds
             ppl = perplexity(f"{tmp}/out", args.device)
         results["rtn" if name == "rtn" else f"{name}@{seed}"] = ppl
