@@ -4,9 +4,10 @@ table): the knobs behind the default that no CLI flag reaches, so the default's 
     python3 tests/gpu/awq_variants.py OUT.json [--model DIR] [--device cuda] [--samples 128] [--calib PATH]
         [--seeds 42 ...] [--only NAME ...]
 
-Each variant quantizes --model (default tests/assets/ref-llama) with `lmc quantize`'s code (quantize_checkpoint, 512-token
-samples of --calib drawn with each seed) and evaluates it as `lmc eval ppl --max-length 1024 --stride 1024`
-does; the share of RTN's gap to fp closed is printed against fp and RTN from the same run.
+Each variant quantizes --model (default tests/assets/ref-llama) with `lmc quantize`'s code
+(quantize_checkpoint, 512-token samples of --calib drawn with each seed) and evaluates it as `lmc eval ppl
+--max-length 1024 --stride 1024` does; the share of RTN's gap to fp closed is printed against fp and RTN from
+the same run.
 """
 
 from __future__ import annotations
