@@ -43,7 +43,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(args.device).eval()
-    ids = load_calibration_samples(args.calib, AutoTokenizer.from_pretrained(args.model), n_samples=args.samples)
+    ids = load_calibration_samples(args.calib, AutoTokenizer.from_pretrained(args.model), n_samples=args.samples,
+                                   seq_len=min(512, model.config.max_position_embeddings))
     print(f"{'layer':>5} {'linear':>8} {'max/median':>10} {'2nd/median':>10}")
     for (index, name), mean in channel_means(model, ids.to(args.device)).items():
         top, median = mean.topk(2).values, mean.median()

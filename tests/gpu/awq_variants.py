@@ -1,13 +1,13 @@
 """AWQ variants on the reference model, each quantized and scored on the whole held-out text (issue 2's
 table): the knobs behind the default that no CLI flag reaches, so the default's choice can be rerun.
 
-    python3 tests/gpu/awq_variants.py OUT.json [--model DIR] [--device cuda] [--samples 128] [--calib PATH]
-        [--seeds 42 ...] [--only NAME ...]
+    python3 tests/gpu/awq_variants.py OUT.json [--model DIR] [--device cuda] [--samples 128] [--seqlen 512]
+        [--calib PATH] [--seeds 42 ...] [--only NAME ...]
 
 Each variant quantizes --model (default tests/assets/ref-llama) with `lmc quantize`'s code
-(quantize_checkpoint, 512-token samples of --calib drawn with each seed) and evaluates it as `lmc eval ppl
---max-length 1024 --stride 1024` does; the share of RTN's gap to fp closed is printed against fp and RTN from
-the same run.
+(quantize_checkpoint, --seqlen-token samples of --calib drawn with each seed) and evaluates it as `lmc eval
+ppl --max-length 1024 --stride 1024` does (windows of the model's positions where it has fewer); the share of
+RTN's gap to fp closed is printed against fp and RTN from the same run.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from functools import partial
 from unittest import mock
 
 import torch
+from transformers import AutoConfig
 
 from lmcompress import arch
 from lmcompress.evaluate import evaluate_checkpoint
@@ -183,7 +184,9 @@ VARIANTS = {
 
 
 def perplexity(model_dir: str, device: str) -> float:
-    return evaluate_checkpoint(model_dir, HELDOUT, device=device, max_length=1024, stride=1024).ppl
+    """Held-out ppl over disjoint windows of 1024 tokens (or the model's positions, where fewer)."""
+    window = min(1024, AutoConfig.from_pretrained(model_dir).max_position_embeddings)
+    return evaluate_checkpoint(model_dir, HELDOUT, device=device, max_length=window, stride=window).ppl
 
 
 def main() -> None:

@@ -13,7 +13,8 @@
 # >= 40 %) comes back: $OUT/model-*.safetensors and, in $OUT/all.tgz, its other model files under model/ with
 # every candidate's logs.
 # A dry run on a CPU: DEVICE=cpu with "NAME --shape tiny --device cpu --batch-size 4 --max-train-tokens 300000
-# --epochs 0.2" candidates.
+# --epochs 0.2" candidates.  JOBS caps how many candidates run at once (default all); SHARE_FLAGS go to
+# awq_variants.py after the defaults (e.g. "--samples 64 --seqlen 256" for the small shape's 256 positions).
 source tests/gpu/common.sh
 gunzip -kf .refdata/train.txt.gz
 candidate() {  # NAME TRAIN-FLAGS...
@@ -26,9 +27,12 @@ candidate() {  # NAME TRAIN-FLAGS...
   model=/tmp/$name/ref-llama
   python3 tests/gpu/activation_outliers.py $model --device ${DEVICE:-cuda} > $OUT/$name.outliers.txt 2>&1
   python3 tests/gpu/awq_variants.py $OUT/$name.shares.json --model $model --device ${DEVICE:-cuda} \
-    --seeds 42 1 2 --only awq gptq > $OUT/$name.shares.txt 2>&1 || echo "$name: quantize FAILED"
+    --seeds 42 1 2 --only awq gptq $SHARE_FLAGS > $OUT/$name.shares.txt 2>&1 || echo "$name: quantize FAILED"
 }
-for variant in "$@"; do candidate $variant & done
+for variant in "$@"; do
+  candidate $variant &
+  while (( $(jobs -rp | wc -l) >= ${JOBS:-$#} )); do wait -n; done
+done
 wait
 step "candidates"
 python3 - "$@" <<'EOF'
