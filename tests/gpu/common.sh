@@ -1,10 +1,14 @@
 # Sourced by the device scripts: wheels the GPU image lacks, the lmcompress.* layout, an `lmc` function.
+# DEVICE=cpu (the scripts that take it) runs on this machine's install instead, e.g. `pip install -e .`.
 set -o pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD/.bnb:$PWD PYTHONUNBUFFERED=1
-for d in turbo calib cli; do ln -sfn ../$d lmcompress/$d; done
-mkdir -p /tmp/bin && printf '#!/bin/sh\nexec python3 -c "from lmcompress.cli.main import cli; cli()" "$@"\n' > /tmp/bin/lmc
-chmod +x /tmp/bin/lmc && export PATH=/tmp/bin:$PATH
+export PYTHONUNBUFFERED=1
+if [ "${DEVICE:-cuda}" != cpu ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD/.bnb:$PWD
+  for d in turbo calib cli; do ln -sfn ../$d lmcompress/$d; done
+  mkdir -p /tmp/bin && printf '#!/bin/sh\nexec python3 -c "from lmcompress.cli.main import cli; cli()" "$@"\n' > /tmp/bin/lmc
+  chmod +x /tmp/bin/lmc && export PATH=/tmp/bin:$PATH
+fi
 # A Llama-2-7B config with the reference tokenizer: what `--dummy` runs need (weights are made on the GPU).
 L7=/tmp/l7cfg
 make_l7_config() {

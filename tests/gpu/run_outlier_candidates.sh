@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Issue 2: reference-model candidates trained with other optimizer settings, each checked for salient activation
-# channels (tests/gpu/activation_outliers.py; the committed model: 1.4-9.3x max / median) and for the share of
-# RTN's W4 g128 gap that AWQ and GPTQ close on the whole held-out text with calibration seeds 42, 1 and 2
-# (tests/gpu/awq_variants.py, as docs/quantization.md measures it).  Carry [".whl", ".refdata"]
+# channels (tests/gpu/activation_outliers.py; the committed model: 1.4-9.3x max / median, RMS kurtosis 1.05-9.1)
+# and for the share of RTN's W4 g128 gap that AWQ and GPTQ close on the whole held-out text with calibration
+# seeds 42, 1 and 2 (tests/gpu/awq_variants.py, as docs/quantization.md measures it).  Carry [".whl", ".refdata"]
 # (docs/reference-model.md says how .refdata is made).  Each argument is "NAME TRAIN-FLAGS...", e.g.
-#   bash tests/gpu/run_outlier_candidates.sh "wd0 --weight-decay 0" "lr4 --peak-lr 4e-3"
+#   bash tests/gpu/run_outlier_candidates.sh "lr4 --peak-lr 4e-3" "lr8 --peak-lr 8e-3"
 # The candidates train at the same time: one alone ran at 950k tok/s on the H200 (docs/reference-model.md), about
 # 110 TFLOP/s by 6 x 19M parameters a token, a seventh of the card's bf16 matmul rate (an estimate, not a
 # measured utilisation), and each one's schedule is counted in steps (12 epochs, early stopping), so sharing the
@@ -49,12 +49,13 @@ for name in (v.split()[0] for v in sys.argv[1:]):
     share = lambda m: statistics.mean((ppl["rtn"] - v) / gap for k, v in ppl.items() if k.startswith(m + "@"))
     cells = [line.split() for line in open(f"{out}/{name}.outliers.txt")]
     ratios = [float(c[2]) for c in cells if c and c[0].isdigit()]
+    kurtoses = [float(c[4]) for c in cells if c and c[0].isdigit()]
     run = saved["candidates"][saved["chosen"]]
     rows.append(dict(name=name, w4=saved["saved"]["w4g128_increase"], awq=share("awq"), gptq=share("gptq"),
                      fp=ppl["fp"], valid=run["best_valid_loss"], step=run["best_step"], seconds=run["seconds"],
-                     outlier=max(ratios)))
+                     outlier=max(ratios), kurtosis=max(kurtoses)))
     print("{name}: fp {fp:.4f}  valid {valid:.4f} (step {step}, {seconds} s)  W4 +{w4:.2%}  AWQ {awq:.1%}  "
-          "GPTQ {gptq:.1%}  largest channel {outlier:.1f}x median".format(**rows[-1]))
+          "GPTQ {gptq:.1%}  largest channel {outlier:.1f}x median, kurtosis up to {kurtosis:.1f}".format(**rows[-1]))
 good = [r for r in rows if r["w4"] >= 0.02 and r["awq"] >= 0.4 and r["gptq"] >= 0.4] or rows
 best = max(good, key=lambda r: r["awq"])["name"]
 print("returned:", best)
