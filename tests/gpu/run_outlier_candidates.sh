@@ -5,13 +5,12 @@
 # seeds 42, 1 and 2 (tests/gpu/awq_variants.py, as docs/quantization.md measures it).  Carry [".whl", ".refdata"]
 # (docs/reference-model.md says how .refdata is made).  Each argument is "NAME TRAIN-FLAGS...", e.g.
 #   bash tests/gpu/run_outlier_candidates.sh "lr4 --peak-lr 4e-3" "lr8 --peak-lr 8e-3"
-# The candidates train at the same time: one alone ran at 950k tok/s on the H200 (docs/reference-model.md), about
-# 110 TFLOP/s by 6 x 19M parameters a token, a seventh of the card's bf16 matmul rate (an estimate, not a
-# measured utilisation), and each one's schedule is counted in steps (12 epochs, early stopping), so sharing the
-# GPU changes its wall time, not its run, as long as all finish inside TRAIN_SECONDS (default 280).  The candidate
-# with the largest mean AWQ share among those that meet the bars (W4 g128 costs >= 2 %, AWQ and GPTQ each close
-# >= 40 %) comes back: $OUT/model-*.safetensors and, in $OUT/all.tgz, its other model files under model/ with
-# every candidate's logs.
+# The candidates train at the same time, and processes time-slice the GPU: in run AM four made about 630 steps
+# each in 230 s on an H100, where one alone made 14.4 steps/s on an H200 (docs/quantization.md), so TRAIN_SECONDS
+# (default 280), not the 12-epoch step count, ends their cosines; two at once made 1,494 of 1,927 steps in 270 s
+# (run AN).  The candidate with the largest mean AWQ share among those that meet the bars (W4 g128 costs >= 2 %,
+# AWQ and GPTQ each close >= 40 %) comes back: $OUT/model-*.safetensors and, in $OUT/all.tgz, its other model
+# files under model/ with every candidate's logs.
 # A dry run on a CPU: DEVICE=cpu with "NAME --shape tiny --device cpu --batch-size 4 --max-train-tokens 300000
 # --epochs 0.2" candidates.  JOBS caps how many candidates run at once (default all); SHARE_FLAGS go to
 # awq_variants.py after the defaults (e.g. "--samples 64 --seqlen 256" for the small shape's 256 positions).
