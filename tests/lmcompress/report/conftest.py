@@ -7,9 +7,10 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _one_thread(one_torch_thread):
-    """Every test here runs tiny models (tests/conftest.py)."""
+    """Every test here runs tiny models (tests/conftest.py).  Module scope, so that it is in force before the
+    module's own module-scoped fixtures (a report built by one) run: pytest sets up wider scopes first."""
 
 
 @pytest.fixture(scope="session")
