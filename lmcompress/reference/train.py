@@ -289,7 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     config = model_config(SHAPES[args.shape], tokenizer)
-    seq_len = config.max_position_embeddings
+    recorded = TrainConfig(epochs=0, max_seconds=args.max_seconds, **recipe(args, config))
+    seq_len = recorded.seq_len
     t0 = time.perf_counter()
     stream = token_stream(tokenizer, read_documents(args.data / "train.txt"))
     if args.max_train_tokens:
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
         "heldout_tokens": heldout.numel(),
         "seq_len": seq_len,
         "slice_windows": SLICE_WINDOWS,
-        "train_config": asdict(TrainConfig(epochs=0, max_seconds=args.max_seconds, **recipe(args, config))),
+        "train_config": asdict(recorded),
         "candidates": results,
         "chosen": chosen,
         "saved": quant_metrics(reloaded, heldout, seq_len),

@@ -85,8 +85,8 @@ def make_tiny_case(
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(one_torch_thread):
-    """Every test here runs tiny models (tests/conftest.py).  Module scope, so that it is in force before the
-    module's own module-scoped fixtures (a report built by one) run: pytest sets up wider scopes first."""
+    """Every test here runs tiny models (tests/conftest.py).  Module scope, so that it is in force before each
+    module's own module-scoped fixtures run (pytest sets up wider scopes first, whatever asks for them)."""
 
 
 @pytest.fixture
