@@ -54,7 +54,7 @@ SHAPES = {
     # For dry runs of this script on a CPU; in_features stay multiples of 128 for g128 RTN.
     "tiny": ModelShape(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                        intermediate_size=256),
-    # For comparing training recipes on a CPU (about 4,000 tok/s on 2 cores against 1,300 for the reference).
+    # For comparing training recipes on a CPU (docs/quantization.md), where the reference shape trains for hours.
     "small": ModelShape(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                         intermediate_size=768, max_position_embeddings=256),
 }
